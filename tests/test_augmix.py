@@ -72,13 +72,16 @@ def test_views_are_the_rounded_float_mix_of_pillow_chains(photos, size, config):
 def test_rounding_not_truncation():
     # A gradient image and random weights give fractional mixes; truncation would be
     # below the float result by up to 1, rounding is within 0.5 and hits floor(x + 0.5).
-    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
+    image = (np.arange(16 * 16 * 3).reshape(16, 16, 3) % 256).astype(np.uint8)
     config = AugMixConfig(width=2, depth=1)
-    program = draw_program(np.random.default_rng(0), config, 1, (4, 4))
-    out = augmix_views(image, np.random.default_rng(0), config, 1)[0]
-    expected = replay_with_pillow(image, program, 1)[0]
-    assert np.any(expected % 1 > 0.5), "the test needs fractions that truncation gets wrong"
-    assert np.array_equal(out, np.floor(expected + 0.5).astype(np.uint8))
+    fractions_above_half = 0
+    for seed in range(5):
+        program = draw_program(np.random.default_rng(seed), config, 1, (16, 16))
+        out = augmix_views(image, np.random.default_rng(seed), config, 1)[0]
+        expected = replay_with_pillow(image, program, 1)[0]
+        fractions_above_half += np.count_nonzero(expected % 1 > 0.5)
+        assert np.array_equal(out, np.floor(expected + 0.5).astype(np.uint8))
+    assert fractions_above_half > 0, "the test needs fractions that truncation gets wrong"
 
 
 def test_same_rng_same_bytes_and_different_indices_differ(photos):

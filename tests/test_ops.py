@@ -125,7 +125,10 @@ def test_sample_uses_only_the_given_generator():
     b = [ops.sample("rotate", np.random.default_rng(7), 3, (32, 32)) for _ in range(5)]
     assert a == b
     assert np.array_equal(np.random.get_state()[1], state)
-    signs = {np.sign(ops.sample("shear_x", np.random.default_rng(s), 3, (32, 32))) for s in range(50)}
+    signs = {
+        np.sign(ops.sample("shear_x", np.random.default_rng(seed), 3, (32, 32)))
+        for seed in range(50)
+    }
     assert signs == {-1.0, 1.0}
 
 

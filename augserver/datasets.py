@@ -1,0 +1,467 @@
+"""Datasets the workers read: CIFAR-10/100 python batches, image folders and ``.npz`` arrays.
+
+Every dataset has the same small interface (:class:`Dataset`): ``len``, ``label(i)``,
+``path(i)`` (a human description of where sample ``i`` lives), ``read(i)`` (the source for
+:mod:`augserver.transforms`), ``load(i)`` (decoded RGB uint8) and ``sample(i, transform)``.
+A sample that cannot be read or decoded raises :class:`DatasetError` naming its path and index,
+never garbage. Nothing here imports torch, and nothing is ever unpickled beyond the numpy
+arrays, lists and strings that CIFAR batches contain.
+"""
+
+from __future__ import annotations
+
+import _codecs
+import errno
+import operator
+import os
+import pickle
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from augserver.transforms import Source, to_rgb_array
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Decoders Image.open may use: the formats those extensions hold. (JPEG's opener also returns
+# MPO, multi-picture JPEG, images; transforms treat both formats alike.)
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+
+
+class DatasetError(Exception):
+    """A dataset file (or one sample of it) that cannot be read, decoded or validated.
+
+    ``path`` names the file (for a sample of an array file, ``file[i]``); ``index`` is the
+    sample index, or None when the whole file is unusable.
+    """
+
+    def __init__(self, path: str, index: int | None, cause: str) -> None:
+        self.path = path
+        self.index = index
+        self.cause = cause
+        where = f"sample {index} ({path})" if index is not None else path
+        super().__init__(f"cannot read {where}: {cause}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.path, self.index, self.cause)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _require_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "dataset path not found", path)
+
+
+class Dataset(ABC):
+    """Common interface of all datasets; indices run from 0 to ``len(self) - 1``."""
+
+    classes: list[str]
+    num_classes: int
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def label(self, i: int) -> int:
+        """Class index of sample ``i``."""
+
+    @abstractmethod
+    def path(self, i: int) -> str:
+        """Where sample ``i`` lives, for humans: a file path, or ``file[k]`` inside a file."""
+
+    @abstractmethod
+    def read(self, i: int) -> Source:
+        """Source image of sample ``i`` for preprocessing (a PIL image may be undecoded)."""
+
+    @abstractmethod
+    def load(self, i: int) -> np.ndarray:
+        """Sample ``i`` fully decoded: a writable uint8 ``H x W x 3`` RGB array."""
+
+    def sample(self, i: int, transform: Callable[[Source], np.ndarray]) -> np.ndarray:
+        """``transform(self.read(i))``, with any failure to read or decode sample ``i``
+        (including a lazy decode inside ``transform``) raised as :class:`DatasetError`."""
+        i = self._index(i)
+        with self._reading(i):
+            source = self.read(i)
+            try:
+                return transform(source)
+            finally:
+                if isinstance(source, Image.Image):
+                    source.close()
+
+    def _index(self, i: int) -> int:
+        i, n = operator.index(i), len(self)
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for a dataset of {n}")
+        return i
+
+    @contextmanager
+    def _reading(self, i: int) -> Iterator[None]:
+        """Turn any exception raised while reading sample ``i`` into DatasetError."""
+        try:
+            yield
+        except DatasetError:
+            raise
+        except Exception as exc:
+            raise DatasetError(self.path(i), i, _describe(exc)) from exc
+
+
+# ---------------------------------------------------------------------------- arrays in memory
+
+
+class ArrayDataset(Dataset):
+    """Samples held in memory as one read-only ``N x H x W x 3`` uint8 array.
+
+    ``sources`` lists ``(file, count)`` in sample order so that ``path(i)`` can name the file
+    and the position inside it.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        sources: Sequence[tuple[str, int]],
+        num_classes: int,
+        classes: list[str] | None = None,
+    ) -> None:
+        images.setflags(write=False)
+        self._images = images
+        self._labels = labels
+        self._files = [name for name, _ in sources]
+        self._starts = np.cumsum([0] + [count for _, count in sources])
+        self.num_classes = num_classes
+        self.classes = classes or []
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def label(self, i: int) -> int:
+        """Class index of sample ``i``."""
+        return int(self._labels[self._index(i)])
+
+    def path(self, i: int) -> str:
+        """``file[k]``: the file holding sample ``i`` and its position in that file."""
+        i = self._index(i)
+        f = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return f"{self._files[f]}[{i - self._starts[f]}]"
+
+    def read(self, i: int) -> np.ndarray:
+        """A read-only ``H x W x 3`` view of sample ``i``."""
+        return self._images[self._index(i)]
+
+    def load(self, i: int) -> np.ndarray:
+        """A writable copy of sample ``i``."""
+        return self.read(i).copy()
+
+
+# ---------------------------------------------------------------------------- CIFAR
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and nothing else callable."""
+
+    _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's ndarray reconstructor
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
+
+
+def _load_cifar_pickle(path: str) -> dict[bytes, Any]:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as exc:
+        raise DatasetError(path, None, _describe(exc)) from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(path, None, f"expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: bytes
+    names_key: bytes
+    num_classes: int
+
+
+_CIFAR10 = _CifarLayout(
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{k}" for k in range(1, 6)),
+    ("test_batch",),
+    "batches.meta",
+    b"labels",
+    b"label_names",
+    10,
+)
+_CIFAR100 = _CifarLayout(
+    "cifar-100-python", ("train",), ("test",), "meta", b"fine_labels", b"fine_label_names", 100
+)
+
+
+def _cifar_labels(batch: dict[bytes, Any], key: bytes, n: int, limit: int, path: str) -> list[int]:
+    labels = batch.get(key)
+    if not isinstance(labels, list | np.ndarray) or len(labels) != n:
+        raise DatasetError(path, None, f"key {key!r}: expected {n} labels")
+    array = np.asarray(labels)
+    if n and (array.dtype.kind not in "iu" or not 0 <= array.min() <= array.max() < limit):
+        raise DatasetError(path, None, f"key {key!r}: labels must be integers in [0, {limit})")
+    return array.tolist()
+
+
+def _cifar_images(batch: dict[bytes, Any], path: str) -> np.ndarray:
+    data = batch.get(b"data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DatasetError(path, None, "key b'data': expected a uint8 N x 3072 array")
+    if data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(path, None, f"key b'data': expected N x 3072, got {data.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _cifar_folder(root: str, layout: _CifarLayout) -> str:
+    """``root`` itself, or ``root/<extracted folder>`` when that exists."""
+    nested = os.path.join(root, layout.folder)
+    if os.path.isdir(nested):
+        return nested
+    _require_exists(root)
+    return root
+
+
+def _cifar_class_names(meta_path: str, layout: _CifarLayout) -> list[str]:
+    """Class names from the meta file, or [] when it is absent."""
+    if not os.path.exists(meta_path):
+        return []
+    names = _load_cifar_pickle(meta_path).get(layout.names_key)
+    if not isinstance(names, list) or len(names) != layout.num_classes:
+        msg = f"key {layout.names_key!r}: expected a list of {layout.num_classes} names"
+        raise DatasetError(meta_path, None, msg)
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+class _Cifar(ArrayDataset):
+    """A CIFAR python-batch split, converted once to N x 32 x 32 x 3 uint8 at open."""
+
+    LAYOUT: _CifarLayout
+
+    def __init__(self, root: str | os.PathLike[str], train: bool = True) -> None:
+        layout = self.LAYOUT
+        folder = _cifar_folder(os.fspath(root), layout)
+        names = layout.train_files if train else layout.test_files
+        paths = [os.path.join(folder, name) for name in names]
+        for p in paths:
+            _require_exists(p)
+        batches = [_load_cifar_pickle(p) for p in paths]
+        planar = [_cifar_images(b, p) for b, p in zip(batches, paths, strict=True)]
+        images = np.empty((sum(len(x) for x in planar), 32, 32, 3), np.uint8)
+        labels: list[int] = []
+        for batch, x, p in zip(batches, planar, paths, strict=True):
+            images[len(labels) : len(labels) + len(x)] = x  # the one CHW -> HWC copy
+            labels += _cifar_labels(batch, layout.label_key, len(x), layout.num_classes, p)
+        super().__init__(
+            images,
+            np.asarray(labels, np.int64),
+            [(p, len(x)) for p, x in zip(paths, planar, strict=True)],
+            layout.num_classes,
+            _cifar_class_names(os.path.join(folder, layout.meta_file), layout),
+        )
+
+
+class Cifar10(_Cifar):
+    """CIFAR-10 (``data_batch_1..5`` / ``test_batch`` / ``batches.meta``) at ``root``, which may
+    be the extracted ``cifar-10-batches-py`` folder or its parent."""
+
+    LAYOUT = _CIFAR10
+
+
+class Cifar100(_Cifar):
+    """CIFAR-100 (``train`` / ``test`` / ``meta``, fine labels) at ``root``, which may be the
+    extracted ``cifar-100-python`` folder or its parent."""
+
+    LAYOUT = _CIFAR100
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _class_files(root: str, class_name: str) -> list[str]:
+    """Image files under ``root/class_name`` (recursively, sorted, hidden entries skipped),
+    as paths relative to ``root``."""
+    files = []
+    top = os.path.join(root, class_name)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames[:] = sorted(filter(_visible, dirnames))
+        for name in sorted(filter(_visible, filenames)):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return files
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>``: sorted class folder names give the labels, files are sorted
+    within each class; extensions jpg, jpeg, png, bmp, webp in any case; hidden entries skipped.
+
+    ``read(i)`` returns the opened but undecoded PIL image, so that JPEGs can be decoded at
+    reduced scale by :func:`augserver.transforms.imagenet_train`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        _require_exists(self.root)
+        with os.scandir(self.root) as entries:
+            classes = sorted(e.name for e in entries if e.is_dir() and _visible(e.name))
+        if not classes:
+            raise DatasetError(self.root, None, "no class folders (expected ROOT/<class>/<image>)")
+        per_class = [_class_files(self.root, c) for c in classes]
+        empty = [c for c, files in zip(classes, per_class, strict=True) if not files]
+        if empty:
+            exts = ", ".join(IMAGE_EXTENSIONS)
+            raise DatasetError(self.root, None, f"no {exts} images in class folders {empty}")
+        self.classes = classes
+        self.num_classes = len(classes)
+        # One fixed-width bytes array instead of a million Python strings: compact and
+        # copy-on-write friendly in forked workers.
+        self._files = np.array([os.fsencode(f) for files in per_class for f in files], np.bytes_)
+        self._labels = np.repeat(np.arange(len(classes)), [len(f) for f in per_class])
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def label(self, i: int) -> int:
+        """Class index of sample ``i``."""
+        return int(self._labels[self._index(i)])
+
+    def path(self, i: int) -> str:
+        """Full path of sample ``i``'s file."""
+        return os.path.join(self.root, os.fsdecode(self._files[self._index(i)]))
+
+    def read(self, i: int) -> Image.Image:
+        """Sample ``i`` opened (header parsed) but not decoded."""
+        i = self._index(i)
+        with self._reading(i):
+            return Image.open(self.path(i), formats=_PIL_FORMATS)
+
+    def load(self, i: int) -> np.ndarray:
+        """Sample ``i`` decoded to RGB uint8."""
+        i = self._index(i)
+        with self._reading(i), self.read(i) as img:
+            img.load()
+            return to_rgb_array(img)
+
+
+# ---------------------------------------------------------------------------- npz arrays
+
+
+def _npz_array(archive: Any, path: str, key: str) -> np.ndarray:
+    if key not in archive.files:
+        raise DatasetError(path, None, f"missing key {key!r} (keys: {sorted(archive.files)})")
+    try:
+        return archive[key]
+    except Exception as exc:
+        raise DatasetError(path, None, f"key {key!r}: {_describe(exc)}") from exc
+
+
+def _npz_images(x: np.ndarray, path: str) -> np.ndarray:
+    """Validate ``x`` (uint8 NHWC with 3 channels, or NHW / NHW1 grey) and return it as RGB."""
+    if x.dtype != np.uint8:
+        raise DatasetError(path, None, f"key 'x': expected uint8, got {x.dtype}")
+    if x.ndim == 4 and x.shape[3] == 1:
+        x = x[..., 0]
+    if x.ndim == 3:
+        return np.repeat(x[..., None], 3, axis=3)
+    if x.ndim == 4 and x.shape[3] == 3:
+        return np.ascontiguousarray(x)
+    raise DatasetError(path, None, f"key 'x': expected N x H x W x 3 or N x H x W, got {x.shape}")
+
+
+def _npz_labels(y: np.ndarray, n: int, path: str) -> np.ndarray:
+    if y.ndim != 1 or len(y) != n:
+        raise DatasetError(path, None, f"key 'y': expected shape ({n},), got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise DatasetError(path, None, f"key 'y': expected integer labels, got {y.dtype}")
+    if n and y.min() < 0:
+        raise DatasetError(path, None, "key 'y': labels must be >= 0")
+    return y.astype(np.int64)
+
+
+class NpzDataset(ArrayDataset):
+    """A ``.npz`` file with ``x`` (uint8 N x H x W x 3, or N x H x W grey) and ``y`` (integer
+    labels); an optional ``classes`` string array names the classes. Loaded without pickle."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = os.fspath(path)
+        _require_exists(path)
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise DatasetError(path, None, _describe(exc)) from exc
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DatasetError(path, None, "not an .npz archive")
+        with archive:
+            x = _npz_images(_npz_array(archive, path, "x"), path)
+            y = _npz_labels(_npz_array(archive, path, "y"), len(x), path)
+            names = _npz_array(archive, path, "classes") if "classes" in archive.files else None
+        classes = [] if names is None else [str(c) for c in names.ravel()]
+        num_classes = max(len(classes), int(y.max()) + 1 if len(y) else 0)
+        if classes and num_classes > len(classes):
+            raise DatasetError(path, None, f"key 'y': label {num_classes - 1} has no class name")
+        super().__init__(x, y, [(path, len(x))], num_classes, classes)
+
+
+# ---------------------------------------------------------------------------- open by name
+
+
+def _image_folder_split(path: str, train: bool) -> str:
+    """``path/train`` or ``path/val`` when ``path`` holds both (the ImageNet layout)."""
+    if all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val")):
+        return os.path.join(path, "train" if train else "val")
+    return path
+
+
+_FORMATS: dict[str, Callable[[str, bool], Dataset]] = {
+    "cifar10": lambda path, train: Cifar10(path, train),
+    "cifar100": lambda path, train: Cifar100(path, train),
+    "imagefolder": lambda path, train: ImageFolder(_image_folder_split(path, train)),
+    "npz": lambda path, train: NpzDataset(path),
+}
+FORMATS = tuple(_FORMATS)
+
+
+def open_dataset(format: str, path: str | os.PathLike[str], train: bool = True) -> Dataset:
+    """Open the dataset at ``path``; ``format`` is one of :data:`FORMATS`.
+
+    ``train`` picks the CIFAR split, or ``path/train`` vs ``path/val`` for an image folder that
+    holds both; a ``.npz`` file is one split and ignores it.
+    """
+    try:
+        factory = _FORMATS[format]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset format {format!r}; valid formats: {', '.join(FORMATS)}"
+        ) from None
+    path = os.fspath(path)
+    _require_exists(path)
+    return factory(path, train)

@@ -1,0 +1,286 @@
+"""The wire protocol every augserver process speaks: one module, imported by both sides.
+
+A message is a ZeroMQ multipart message. Frame 0 is a msgpack map (no extension types, never
+pickle) holding the protocol version ``v``, the message type ``t``, the type's fields, and
+``arrays``: one ``[dtype, shape]`` pair per following frame. Each following frame is the raw
+bytes of one C-contiguous array, sent and received without copies (``copy=False``; received
+arrays are ``np.frombuffer`` views of the ZeroMQ frame).
+
+Everyone connects to the dispatcher's one ROUTER socket with a DEALER socket and starts with
+``hello`` (its role and the versions that decide pixel bytes). The conversations:
+
+worker                                   dispatcher
+  hello{role=worker, versions}    ->       <- welcome{config, dataset_len} | refused{reason}
+  ready{slots}                    ->       <- task{task, epoch, indices}        (at most slots)
+  result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices)
+  heartbeat{}  every interval     ->       <- reset{reason} when it does not know the worker
+
+client                                   dispatcher
+  hello{role=client, versions}    ->       <- welcome{config, dataset_len}
+  open{stream, epoch, rank, ...}  ->       <- opened{stream, num_batches, batch_bytes}
+  credit{stream, n}               ->       <- batch{stream, position, failed} + arrays
+  ping{}                          ->       <- pong{} | reset{reason}
+  close{stream}                   ->       <- end{stream} once every batch was sent
+                                           <- error{message, stream, fatal}
+
+status                                   dispatcher
+  hello{role=status}              ->       <- status{stats}
+
+:func:`decode` validates everything it returns: the version, the type, every field's type,
+the number of array frames and each frame's size against its declared dtype and shape. Any
+violation is a :class:`ProtocolError`; receivers log it, answer ``error`` where they can, and
+keep serving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+"""Largest frame 0 accepted (a task or a batch header with its index list fits easily)."""
+MAX_ARRAYS = 8
+ALLOWED_DTYPES = frozenset({"|u1", "<i8", "<f4"})
+
+ROLES = ("worker", "client", "status")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol (the text says what is wrong)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_non_negative_int(v) for v in value)
+
+
+def _ranges(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(_non_negative_int(v) for v in r) and r[0] < r[1]
+        for r in value
+    )
+
+
+def _failures(value: Any) -> bool:
+    """``[[index, path, error], ...]``: samples a worker could not decode."""
+    return isinstance(value, list) and all(
+        isinstance(f, list)
+        and len(f) == 3
+        and _non_negative_int(f[0])
+        and isinstance(f[1], str)
+        and isinstance(f[2], str)
+        for f in value
+    )
+
+
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is(kind: type | tuple[type, ...]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, kind) and not (
+        isinstance(value, bool) and kind is not bool
+    )
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+_STR, _BOOL, _DICT = _is(str), _is(bool), _is(dict)
+
+SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "hello": {"role": lambda r: r in ROLES, "protocol": _is_int, "versions": _str_map, "name": _STR},
+    "welcome": {"config": _DICT, "dataset_len": _non_negative_int},
+    "refused": {"reason": _STR},
+    "reset": {"reason": _STR},
+    "error": {"message": _STR, "stream": _optional_str, "fatal": _BOOL},
+    "ready": {"slots": _positive_int},
+    "task": {"task": _non_negative_int, "epoch": _non_negative_int, "indices": _int_list},
+    "result": {"task": _non_negative_int, "failed": _failures},
+    "heartbeat": {},
+    "open": {
+        "stream": _STR,
+        "epoch": _non_negative_int,
+        "rank": _non_negative_int,
+        "world_size": _positive_int,
+        "ordered": _BOOL,
+        "credits": _non_negative_int,
+        "done": _ranges,
+    },
+    "opened": {"stream": _STR, "num_batches": _non_negative_int, "batch_bytes": _positive_int},
+    "credit": {"stream": _STR, "n": _positive_int},
+    "batch": {"stream": _STR, "position": _non_negative_int, "failed": _failures},
+    "end": {"stream": _STR},
+    "close": {"stream": _STR},
+    "ping": {},
+    "pong": {},
+    "status": {"stats": _DICT},
+}
+"""Message type to its required fields and a check for each field's value."""
+
+
+@dataclass
+class Message:
+    """A decoded message: its type, its fields and its arrays (views of the frames)."""
+
+    type: str
+    fields: dict[str, Any]
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
+def encode(mtype: str, arrays: Sequence[np.ndarray] = (), **fields: Any) -> list[Any]:
+    """Frames of one message: the msgpack header, then each array's raw buffer (not copied)."""
+    check_fields(mtype, fields)
+    buffers = []
+    descriptions = []
+    for array in arrays:
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        if array.dtype.str not in ALLOWED_DTYPES:
+            raise ProtocolError(f"dtype {array.dtype.str} cannot be sent")
+        descriptions.append([array.dtype.str, list(array.shape)])
+        buffers.append(array.data if array.size else b"")
+    header = {"v": PROTOCOL_VERSION, "t": mtype, "arrays": descriptions, **fields}
+    return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Validate and decode the frames of one message (``zmq.Frame``, bytes or buffers).
+
+    Raises :class:`ProtocolError` naming what is wrong: an oversized or undecodable header, a
+    foreign protocol version, an unknown type, a missing, extra or mistyped field, or an array
+    frame whose size does not match its declared dtype and shape.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _buffer(frames[0])
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            head, raw=False, strict_map_key=True, ext_hook=_refuse_ext, timestamp=0
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    version = header.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    mtype = header.pop("t", None)
+    descriptions = header.pop("arrays", None)
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    check_fields(mtype, header)
+    arrays = _decode_arrays(mtype, descriptions, frames[1:])
+    return Message(mtype, header, arrays)
+
+
+def check_fields(mtype: str, fields: dict[str, Any]) -> None:
+    """Raise :class:`ProtocolError` unless ``fields`` are exactly those of ``mtype``, valid."""
+    schema = SCHEMAS.get(mtype)
+    if schema is None:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    missing = schema.keys() - fields.keys()
+    extra = fields.keys() - schema.keys()
+    if missing or extra:
+        raise ProtocolError(
+            f"{mtype}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}"
+        )
+    for name, check in schema.items():
+        if not check(fields[name]):
+            raise ProtocolError(f"{mtype}: invalid value for field {name!r}: {fields[name]!r:.80}")
+
+
+def _decode_arrays(mtype: str, descriptions: Any, frames: Sequence[Any]) -> list[np.ndarray]:
+    if not isinstance(descriptions, list) or len(descriptions) > MAX_ARRAYS:
+        raise ProtocolError(f"{mtype}: 'arrays' must be a list of at most {MAX_ARRAYS}")
+    if len(descriptions) != len(frames):
+        raise ProtocolError(
+            f"{mtype}: header describes {len(descriptions)} arrays but {len(frames)} frames follow"
+        )
+    arrays = []
+    for i, (description, frame) in enumerate(zip(descriptions, frames, strict=True)):
+        if (
+            not isinstance(description, list)
+            or len(description) != 2
+            or description[0] not in ALLOWED_DTYPES
+            or not isinstance(description[1], list)
+            or not all(_non_negative_int(d) for d in description[1])
+        ):
+            raise ProtocolError(f"{mtype}: array {i} has an invalid description {description!r:.80}")
+        dtype = np.dtype(description[0])
+        shape = tuple(description[1])
+        buffer = _buffer(frame)
+        expected = math.prod(shape) * dtype.itemsize
+        if len(buffer) != expected:
+            raise ProtocolError(
+                f"{mtype}: array {i} declares {dtype.str}{list(shape)} ({expected} bytes) "
+                f"but its frame has {len(buffer)} bytes"
+            )
+        arrays.append(np.frombuffer(buffer, dtype=dtype).reshape(shape))
+    return arrays
+
+
+def _buffer(frame: Any) -> memoryview:
+    """The bytes of a ``zmq.Frame``, ``bytes`` or buffer, as a flat memoryview (no copy)."""
+    view = memoryview(getattr(frame, "buffer", frame))
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def pixel_versions() -> dict[str, str]:
+    """The versions that decide the pixel bytes; dispatcher and workers must agree on them."""
+    import numba
+    import PIL
+
+    from augserver import __version__
+
+    return {
+        "augserver": __version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "numba": numba.__version__,
+    }
+
+
+def version_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> str | None:
+    """A sentence naming every version that differs, or None when they all agree."""
+    diffs = [
+        f"{name} {theirs.get(name, 'missing')} (dispatcher has {mine[name]})"
+        for name in sorted(mine)
+        if theirs.get(name) != mine[name]
+    ]
+    if not diffs:
+        return None
+    return "versions that decide pixel bytes differ: " + ", ".join(diffs)

@@ -109,7 +109,12 @@ def _optional_str(value: Any) -> bool:
 _STR, _BOOL, _DICT = _is(str), _is(bool), _is(dict)
 
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "hello": {"role": lambda r: r in ROLES, "protocol": _is_int, "versions": _str_map, "name": _STR},
+    "hello": {
+        "role": lambda role: role in ROLES,
+        "protocol": _is_int,
+        "versions": _str_map,
+        "name": _STR,
+    },
     "welcome": {"config": _DICT, "dataset_len": _non_negative_int},
     "refused": {"reason": _STR},
     "reset": {"reason": _STR},
@@ -235,7 +240,7 @@ def _decode_arrays(mtype: str, descriptions: Any, frames: Sequence[Any]) -> list
             or not isinstance(description[1], list)
             or not all(_non_negative_int(d) for d in description[1])
         ):
-            raise ProtocolError(f"{mtype}: array {i} has an invalid description {description!r:.80}")
+            raise ProtocolError(f"{mtype}: array {i} is badly described: {description!r:.60}")
         dtype = np.dtype(description[0])
         shape = tuple(description[1])
         buffer = _buffer(frame)

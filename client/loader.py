@@ -1,0 +1,511 @@
+"""``RemoteAugMixLoader``: the training side of augserver, a PyTorch iterable over batches.
+
+It connects to the dispatcher, opens a stream for ``(epoch, rank, world_size)``, grants
+credits, receives batches on a background thread, and yields :class:`AugMixBatch` objects
+whose tensors are converted and normalised on the training device. The loader holds the
+stream's progress itself, so :meth:`RemoteAugMixLoader.state_dict` resumes an epoch exactly,
+and a dispatcher that goes away is reconnected to and told what was already received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from augserver import protocol
+from augserver.config import JobConfig, config_from_dict
+from augserver.plan import ShardPlan, from_ranges, to_ranges
+
+log = logging.getLogger("augserver.client")
+
+_PING_INTERVAL = 1.0
+
+
+class RemoteError(RuntimeError):
+    """The dispatcher reported an error for this stream (the text is the server's message)."""
+
+
+@dataclass
+class AugMixBatch:
+    """One batch: NCHW image tensors on the loader's device, labels and dataset indices.
+
+    With JSD (the default) ``orig``, ``aug1`` and ``aug2`` are the clean image and two AugMix
+    views; without JSD ``aug1`` is the single AugMix view and ``orig``/``aug2`` are None.
+    """
+
+    orig: torch.Tensor | None
+    aug1: torch.Tensor
+    aug2: torch.Tensor | None
+    target: torch.Tensor
+    index: torch.Tensor
+
+    def concat(self) -> torch.Tensor:
+        """The views concatenated along the batch (clean, aug1, aug2) for one forward pass."""
+        views = [v for v in (self.orig, self.aug1, self.aug2) if v is not None]
+        return torch.cat(views) if len(views) > 1 else views[0]
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+@dataclass
+class _Received:
+    position: int
+    views: torch.Tensor  # (V, n, H, W, 3) uint8, pinned on CUDA loaders
+    labels: np.ndarray
+    indices: np.ndarray
+
+
+class _End:
+    """Sentinel: the dispatcher sent every batch of the stream."""
+
+
+class RemoteAugMixLoader:
+    """Iterate AugMix batches served by an augserver dispatcher.
+
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised (else 0/1).
+    ``ordered=True`` yields batches in plan order, so the stream is bit-for-bit reproducible;
+    the default yields them as they complete. ``prefetch`` is the number of batches granted
+    ahead (the credits: what the dispatcher may hold or have in flight for this loader).
+    ``normalize`` converts to float and normalises with the job's mean/std (or ``mean``/
+    ``std``) on ``device``; ``normalize=False`` yields uint8 NCHW tensors. ``timeout`` is how
+    long the loader waits without progress (no dispatcher, no batch) before raising.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epoch: int = 0,
+        ordered: bool = False,
+        prefetch: int = 4,
+        device: str | torch.device | None = None,
+        normalize: bool = True,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        channels_last: bool = False,
+        timeout: float = 600.0,
+        liveness: float = 5.0,
+    ) -> None:
+        if rank is None or world_size is None:
+            dist_rank, dist_world = _distributed_rank()
+            rank = dist_rank if rank is None else rank
+            world_size = dist_world if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..world_size-1 ({world_size})")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.address = address
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = epoch
+        self.ordered = ordered
+        self.prefetch = prefetch
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.normalize = normalize
+        self.channels_last = channels_last
+        self.timeout = timeout
+        self.liveness = liveness
+        self._mean_override = mean
+        self._std_override = std
+        self._consumed: set[int] = set()
+        self._consumed_epoch: int | None = None
+        self._job: JobConfig | None = None
+        self._dataset_len: int | None = None
+        self._scale: torch.Tensor | None = None
+        self._shift: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration streams (its own seeded order)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank gets per epoch (the same on every rank)."""
+        return self._plan().num_batches
+
+    @property
+    def config(self) -> JobConfig:
+        """The dispatcher's job configuration (asks the dispatcher on first use)."""
+        self._ensure_job()
+        assert self._job is not None
+        return self._job
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress in the current epoch: small and JSON-serialisable."""
+        return {
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "ordered": self.ordered,
+            "consumed": to_ranges(self._consumed) if self._consumed_epoch == self.epoch else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue an epoch from :meth:`state_dict`: consumed batches are not streamed again."""
+        for key in ("epoch", "rank", "world_size", "consumed"):
+            if key not in state:
+                raise ValueError(f"loader state has no {key!r}: {sorted(state)}")
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"loader state is for rank {state['rank']} of {state['world_size']}, "
+                f"this loader is rank {self.rank} of {self.world_size}"
+            )
+        self.epoch = int(state["epoch"])
+        self._consumed = from_ranges(state["consumed"])
+        self._consumed_epoch = self.epoch
+
+    def __iter__(self) -> Iterator[AugMixBatch]:
+        plan = self._plan()
+        if self._consumed_epoch != self.epoch:
+            self._consumed = set()
+            self._consumed_epoch = self.epoch
+        remaining = plan.num_batches - len(self._consumed)
+        if remaining <= 0:
+            self._consumed = set()  # the epoch was complete: a new pass starts from scratch
+            return
+        stream = _Stream(self, plan.num_batches)
+        try:
+            yield from self._batches(stream, remaining)
+            self._consumed = set()  # epoch done: the next iteration starts afresh
+        finally:
+            stream.stop()
+
+    # ------------------------------------------------------------------ internals
+
+    def _batches(self, stream: _Stream, remaining: int) -> Iterator[AugMixBatch]:
+        pending: dict[int, _Received] = {}
+        next_position = self._next_ordered_position(0)
+        while remaining > 0:
+            if self.ordered and next_position in pending:
+                item: Any = pending.pop(next_position)
+            else:
+                item = stream.get()
+            if isinstance(item, _End):
+                if pending or remaining > 0:
+                    raise RemoteError(
+                        f"stream ended with {remaining} batches missing (positions received "
+                        "out of order are kept, so this is a dispatcher fault)"
+                    )
+                return
+            if self.ordered and item.position != next_position:
+                pending[item.position] = item
+                continue
+            self._consumed.add(item.position)
+            remaining -= 1
+            stream.grant(1)
+            if self.ordered:
+                next_position = self._next_ordered_position(item.position + 1)
+            if len(item.labels):
+                yield self._to_batch(item)
+
+    def _next_ordered_position(self, start: int) -> int:
+        position = start
+        while position in self._consumed:
+            position += 1
+        return position
+
+    def _to_batch(self, item: _Received) -> AugMixBatch:
+        views = item.views.to(self.device, non_blocking=True)
+        images = views.permute(0, 1, 4, 2, 3)  # (V, n, 3, H, W); NHWC memory = channels_last
+        if self.normalize:
+            scale, shift = self._normalization()
+            images = images.float().mul_(scale).sub_(shift)
+        if not self.channels_last:
+            images = images.contiguous()
+        target = torch.from_numpy(item.labels.astype(np.int64)).to(self.device, non_blocking=True)
+        index = torch.from_numpy(item.indices.astype(np.int64))
+        if images.shape[0] == 3:
+            return AugMixBatch(images[0], images[1], images[2], target, index)
+        return AugMixBatch(None, images[0], None, target, index)
+
+    def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scale is None:
+            job = self.config
+            mean = torch.tensor(self._mean_override or job.mean, dtype=torch.float32)
+            std = torch.tensor(self._std_override or job.std, dtype=torch.float32)
+            # (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std
+            self._scale = (1.0 / (255.0 * std)).view(3, 1, 1).to(self.device)
+            self._shift = (mean / std).view(3, 1, 1).to(self.device)
+        assert self._shift is not None
+        return self._scale, self._shift
+
+    def _plan(self) -> ShardPlan:
+        job = self.config
+        assert self._dataset_len is not None
+        return ShardPlan(
+            job.seed,
+            self.epoch,
+            self._dataset_len,
+            self.rank,
+            self.world_size,
+            job.batch_size,
+            job.drop_last,
+        )
+
+    def _ensure_job(self) -> None:
+        if self._job is not None:
+            return
+        context = zmq.Context.instance()
+        sock = _dealer(context, self.address)
+        try:
+            welcome = _handshake(sock, self.timeout, self.address)
+        finally:
+            sock.close(linger=0)
+        self._accept_welcome(welcome)
+
+    def _accept_welcome(self, welcome: protocol.Message) -> None:
+        job = config_from_dict(welcome["config"], source=self.address, check_paths=False)
+        changed = job != self._job or welcome["dataset_len"] != self._dataset_len
+        if self._job is not None and changed:
+            raise RemoteError(
+                f"the dispatcher at {self.address} now serves a different job "
+                "(config or dataset changed); refusing to mix streams"
+            )
+        self._job = job
+        self._dataset_len = welcome["dataset_len"]
+
+
+class _Stream:
+    """The background thread of one epoch stream: socket I/O, reconnects, credits."""
+
+    def __init__(self, loader: RemoteAugMixLoader, num_batches: int) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        self.stream_id = uuid.uuid4().hex
+        self.items: queue.Queue[Any] = queue.Queue()
+        self.received: set[int] = set(loader._consumed)
+        self._context = zmq.Context.instance()
+        self._wake_address = f"inproc://augserver-loader-{self.stream_id}"
+        self._wake_recv = self._context.socket(zmq.PAIR)
+        self._wake_recv.bind(self._wake_address)
+        self._wake_send = self._context.socket(zmq.PAIR)
+        self._wake_send.connect(self._wake_address)
+        self._wake_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._progress = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="augserver-loader", daemon=True)
+        self._thread.start()
+
+    def get(self) -> Any:
+        """The next received batch, the end sentinel, or raise the stream's error."""
+        while True:
+            try:
+                item = self.items.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RemoteError("the loader's receive thread stopped unexpectedly") from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def grant(self, n: int) -> None:
+        """Tell the I/O thread that ``n`` batches were consumed (credits to send)."""
+        self._wake(n.to_bytes(4, "little"))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake(b"stop")
+        self._thread.join(timeout=10)
+        self._wake_send.close(linger=0)
+
+    def _wake(self, note: bytes) -> None:
+        # Never blocks: once the I/O thread has finished there is nobody to tell.
+        with self._wake_lock, contextlib.suppress(zmq.Again):
+            self._wake_send.send(note, zmq.NOBLOCK)
+
+    # ------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self._session():
+                    return
+        except BaseException as exc:  # surfaced in the training thread
+            self.items.put(exc)
+        finally:
+            self._wake_recv.close(linger=0)
+
+    def _session(self) -> bool:
+        """One connection to the dispatcher; True when the stream finished or was stopped."""
+        loader = self.loader
+        sock = _dealer(self._context, loader.address)
+        try:
+            loader._accept_welcome(_handshake(sock, self._time_left(), loader.address))
+            queued = len(self.received) - len(loader._consumed)
+            credits = max(0, loader.prefetch - queued)
+            sock.send_multipart(
+                protocol.encode(
+                    "open",
+                    stream=self.stream_id,
+                    epoch=loader.epoch,
+                    rank=loader.rank,
+                    world_size=loader.world_size,
+                    ordered=loader.ordered,
+                    credits=credits,
+                    done=to_ranges(self.received),
+                ),
+                copy=False,
+            )
+            self._progress = time.monotonic()
+            return self._serve(sock)
+        finally:
+            if self._stopping.is_set():
+                _send_quietly(sock, protocol.encode("close", stream=self.stream_id))
+            sock.close(linger=100 if self._stopping.is_set() else 0)
+
+    def _serve(self, sock: zmq.Socket) -> bool:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
+        last_heard = last_ping = time.monotonic()
+        while True:
+            events = dict(poller.poll(timeout=int(_PING_INTERVAL * 500)))
+            now = time.monotonic()
+            if self._wake_recv in events and self._on_wake(sock):
+                return True
+            if sock in events:
+                last_heard = now
+                outcome = self._on_message(sock.recv_multipart(copy=False))
+                if outcome is not None:
+                    return outcome
+            if now - last_ping >= _PING_INTERVAL:
+                _send_quietly(sock, protocol.encode("ping"))
+                last_ping = now
+            if now - last_heard > self.loader.liveness:
+                log.warning(
+                    "dispatcher %s silent for %.1f s; reconnecting", self.loader.address,
+                    now - last_heard,
+                )
+                return False
+            if self._time_left() <= 0:
+                raise TimeoutError(
+                    f"no batch from {self.loader.address} for {self.loader.timeout:.0f} s"
+                )
+
+    def _on_wake(self, sock: zmq.Socket) -> bool:
+        credits = 0
+        while True:
+            try:
+                note = self._wake_recv.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if note == b"stop":
+                return True
+            credits += int.from_bytes(note, "little")
+        if credits:
+            _send_quietly(sock, protocol.encode("credit", stream=self.stream_id, n=credits))
+        return False
+
+    def _on_message(self, frames: list[zmq.Frame]) -> bool | None:
+        """Handle one message: None to go on, True when the stream is over, False to
+        reconnect."""
+        try:
+            message = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("malformed message from the dispatcher ignored: %s", exc)
+            return None
+        kind = message.type
+        if kind == "batch" and message["stream"] == self.stream_id:
+            self._on_batch(message)
+        elif kind == "end" and message["stream"] == self.stream_id:
+            self.items.put(_End())
+            return True
+        elif kind == "error":
+            if message["fatal"] and message["stream"] in (None, self.stream_id):
+                raise RemoteError(f"dispatcher {self.loader.address}: {message['message']}")
+            log.warning("dispatcher %s: %s", self.loader.address, message["message"])
+        elif kind == "reset":
+            log.warning("dispatcher asked to reconnect: %s", message["reason"])
+            return False
+        elif (
+            kind == "opened"
+            and message["stream"] == self.stream_id
+            and message["num_batches"] != self.num_batches
+        ):
+            raise RemoteError(
+                    f"dispatcher plans {message['num_batches']} batches, expected "
+                    f"{self.num_batches}: the job changed under this loader"
+                )
+        return None
+
+    def _on_batch(self, message: protocol.Message) -> None:
+        position = message["position"]
+        for index, path, error in message["failed"]:
+            log.warning("sample %d (%s) skipped by the server: %s", index, path, error)
+        if position in self.received or position >= self.num_batches:
+            return  # a duplicate after a reconnect: already delivered
+        if len(message.arrays) != 3:
+            raise RemoteError(f"batch {position} carries {len(message.arrays)} arrays, not 3")
+        views, labels, indices = message.arrays
+        self.received.add(position)
+        self._progress = time.monotonic()
+        tensor = torch.from_numpy(views)  # a view of the ZeroMQ frame: no copy
+        if self.loader.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        self.items.put(_Received(position, tensor, labels, indices))
+
+    def _time_left(self) -> float:
+        return self.loader.timeout - (time.monotonic() - self._progress)
+
+
+def _dealer(context: zmq.Context, address: str) -> zmq.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(address)
+    return sock
+
+
+def _handshake(sock: zmq.Socket, timeout: float, address: str) -> protocol.Message:
+    """hello -> welcome; waits for a dispatcher that is not up yet, up to ``timeout``."""
+    sock.send_multipart(
+        protocol.encode(
+            "hello",
+            role="client",
+            protocol=protocol.PROTOCOL_VERSION,
+            versions=protocol.pixel_versions(),
+            name=f"{socket.gethostname()}:{threading.get_native_id()}",
+        )
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no augserver dispatcher answered at {address} in {timeout:.0f} s")
+        if not sock.poll(timeout=int(min(left, 1.0) * 1000)):
+            continue
+        try:
+            message = protocol.decode(sock.recv_multipart(copy=False))
+        except protocol.ProtocolError as exc:
+            raise RemoteError(f"dispatcher at {address} speaks another protocol: {exc}") from None
+        if message.type == "welcome":
+            return message
+        if message.type == "refused":
+            raise RemoteError(f"dispatcher at {address} refused this client: {message['reason']}")
+
+
+def _send_quietly(sock: zmq.Socket, frames: list[Any]) -> None:
+    with contextlib.suppress(zmq.Again):
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+
+
+def _distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,383 @@
+"""The dispatcher's job configuration: one YAML file, defaults for everything but the dataset.
+
+The full file, every key at its default (only ``dataset`` is required)::
+
+    dataset:                  # required
+      format: imagefolder     # cifar10 | cifar100 | imagefolder | npz (required)
+      path: /data/train       # required; relative paths are relative to this file's folder
+      train: true             # CIFAR: train or test split; a folder holding train/ and val/:
+                              # which of the two; ignored by npz
+    preprocess: imagenet      # cifar (crop 32, pad 4, flip) | imagenet (random resized crop
+                              # 224, flip); default: cifar for cifar10/cifar100, else imagenet
+    augmix:
+      severity: 1             # 1..10; default 3 with cifar preprocessing, 1 with imagenet
+      width: 3                # chains mixed per view, >= 1
+      depth: -1               # operations per chain, >= 1; -1 draws 1..3 per chain
+      alpha: 1.0              # Dirichlet and Beta mixing parameter, > 0
+      all_ops: false          # also color, contrast, brightness, sharpness (overlap ImageNet-C)
+    jsd: true                 # true: (orig, aug1, aug2) per sample for the JSD loss;
+                              # false: one AugMix view per sample
+    batch_size: 128           # samples per batch, >= 1
+    seed: 0                   # >= 0; the epoch order and every sample's draws derive from it
+    drop_last: false          # drop a rank's last partial batch instead of padding it
+    error_policy: skip        # a sample that cannot be read or decoded: skip (report, count,
+                              # go on) | fail (end the stream with the error)
+    bind: tcp://0.0.0.0:5555  # the address the dispatcher binds (tcp://, ipc:// or inproc://)
+    workers: 0                # local worker processes the dispatcher starts and supervises
+    limits:
+      max_message_bytes: 268435456   # largest incoming ZeroMQ message accepted (ZMQ_MAXMSGSIZE)
+      heartbeat_interval: 1.0        # seconds between worker heartbeats, > 0
+      heartbeat_misses: 3            # a worker silent this many intervals is declared dead
+                                     # and its tasks are re-issued
+      worker_slots: 2                # tasks a worker may hold at once, >= 1
+      max_prefetch_bytes: 1073741824 # cap on what the dispatcher holds or has in flight for
+                                     # one client stream, in bytes
+
+Every mistake raises :class:`ConfigError` naming the file and the dotted key, for example
+``config.yaml: augmix.severity: must be in 1..10, got 12``. Types are strict: ``"64"`` is not
+an integer, ``yes`` in quotes is not a boolean, and booleans are not integers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, NoReturn
+
+import yaml
+
+from augserver.augmix import AugMixConfig
+from augserver.datasets import FORMATS
+
+# preprocess name: (image size, per-channel mean, per-channel std)
+PREPROCESSING: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]] = {
+    "cifar": (32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+DEFAULT_SEVERITY = {"cifar": 3, "imagenet": 1}  # the AugMix paper's defaults
+ERROR_POLICIES = ("skip", "fail")
+DEFAULT_BIND = "tcp://0.0.0.0:5555"
+_MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
+_BIND = re.compile(r"tcp://\S+:\S+|(ipc|inproc)://\S+")
+
+
+class ConfigError(ValueError):
+    """An invalid job configuration; the message names the file and the dotted key.
+
+    ``source`` is the file (or ``"<config>"``), ``key`` the dotted key, None for the whole file.
+    """
+
+    def __init__(self, message: str, source: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.source, self.key)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the samples are: ``format`` is one of :data:`augserver.datasets.FORMATS`."""
+
+    format: str
+    path: str
+    train: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits and failure detection of the dispatcher."""
+
+    max_message_bytes: int = 256 * 2**20
+    heartbeat_interval: float = 1.0
+    heartbeat_misses: int = 3
+    worker_slots: int = 2
+    max_prefetch_bytes: int = 2**30
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        """Seconds of silence after which a worker is declared dead."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A validated job: build it with :func:`load_config` or :func:`config_from_dict`."""
+
+    dataset: DatasetConfig
+    preprocess: str
+    augmix: AugMixConfig
+    jsd: bool = True
+    batch_size: int = 128
+    seed: int = 0
+    drop_last: bool = False
+    error_policy: str = "skip"
+    bind: str = DEFAULT_BIND
+    workers: int = 0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def views(self) -> int:
+        """Image views per sample: 3 (orig, aug1, aug2) with jsd, else 1 (one AugMix view)."""
+        return 3 if self.jsd else 1
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the preprocessing produces: 32 (cifar) or 224 (imagenet)."""
+        return PREPROCESSING[self.preprocess][0]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel (RGB) normalisation mean, on pixels scaled to [0, 1]."""
+        return PREPROCESSING[self.preprocess][1]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel (RGB) normalisation standard deviation, on pixels scaled to [0, 1]."""
+        return PREPROCESSING[self.preprocess][2]
+
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of uint8 pixels in one full batch (all views)."""
+        return self.batch_size * self.views * self.image_size**2 * 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (msgpack/JSON-safe) form; ``config_from_dict(c.to_dict()) == c``."""
+        return asdict(self)
+
+
+_SECTIONS = {
+    "dataset": tuple(f.name for f in fields(DatasetConfig)),
+    "augmix": tuple(f.name for f in fields(AugMixConfig)),
+    "limits": tuple(f.name for f in fields(Limits)),
+}
+_TOP_KEYS = tuple(f.name for f in fields(JobConfig))
+KEYS = _TOP_KEYS + tuple(f"{s}.{k}" for s, names in _SECTIONS.items() for k in names)
+_DEFAULTS: dict[str, Any] = {
+    **{f.name: f.default for f in fields(JobConfig) if f.default is not MISSING},
+    **{f"limits.{f.name}": f.default for f in fields(Limits)},
+    "dataset.train": True,
+}
+
+
+def _unknown_key(source: str, dotted: str, what: str = "key") -> ConfigError:
+    """The error for ``dotted``, suggesting the same name in another section, else a near one."""
+    section, _, name = dotted.rpartition(".")
+    by_name = {key.rpartition(".")[2]: key for key in KEYS}  # names are unique across sections
+    siblings = {k.rpartition(".")[2]: k for k in KEYS if k.rpartition(".")[0] == section}
+    siblings = siblings or {k: k for k in _TOP_KEYS}
+    if name in by_name:
+        hint = f" (did you mean {by_name[name]!r}?)"
+    elif near := difflib.get_close_matches(name, siblings, n=1):
+        hint = f" (did you mean {siblings[near[0]]!r}?)"
+    elif near := difflib.get_close_matches(name, by_name, n=1):
+        hint = f" (did you mean {by_name[near[0]]!r}?)"
+    else:
+        hint = f"; valid keys here: {', '.join(siblings)}"
+    return ConfigError(f"{source}: unknown {what} {dotted!r}{hint}", source, dotted)
+
+
+class _Reader:
+    """Reads and checks one config mapping, raising ConfigError that names ``source``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {key}: {problem}", self.source, key)
+
+    def section(self, data: Any, name: str) -> dict[str, Any]:
+        """The mapping under ``name`` (empty when absent or null), with its keys checked."""
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            self.fail(name, f"must be a mapping of {', '.join(_SECTIONS[name])}, got {data!r}")
+        for key in data:
+            if key not in _SECTIONS[name]:
+                raise _unknown_key(self.source, f"{name}.{key}")
+        return dict(data)
+
+    def integer(self, data: Mapping[str, Any], key: str, low: int) -> int:
+        value = data.get(key.rpartition(".")[2], _DEFAULTS[key])
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_INT:
+            self.fail(key, f"must be an integer >= {low}, got {value!r}")
+        return value
+
+    def number(self, data: Mapping[str, Any], key: str) -> float:
+        value = data.get(key.rpartition(".")[2], _DEFAULTS[key])
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value > 0)
+        ):
+            self.fail(key, f"must be a number > 0, got {value!r}")
+        return float(value)
+
+    def flag(self, data: Mapping[str, Any], key: str) -> bool:
+        value = data.get(key.rpartition(".")[2], _DEFAULTS[key])
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, data: Mapping[str, Any], key: str, valid: Any, default: Any = None) -> str:
+        default = _DEFAULTS.get(key, default)
+        value = data.get(key.rpartition(".")[2], default)
+        if value is None and default is None:
+            self.fail(key, f"missing (required): one of {', '.join(valid)}")
+        if value not in valid:
+            self.fail(key, f"must be one of {', '.join(valid)}, got {value!r}")
+        return value
+
+
+def _dataset(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) -> DatasetConfig:
+    if data is None:
+        r.fail("dataset", "missing (required), e.g. dataset: {format: imagefolder, path: /data}")
+    data = r.section(data, "dataset")
+    fmt = r.choice(data, "dataset.format", FORMATS)
+    path = data.get("path")
+    if path is None:
+        r.fail("dataset.path", "missing (required)")
+    if not isinstance(path, str) or not path:
+        r.fail("dataset.path", f"must be a non-empty string, got {path!r}")
+    path = os.path.expanduser(path)
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(base_dir, path))
+    if check_paths:
+        if not os.path.exists(path):
+            r.fail("dataset.path", f"{path} does not exist")
+        if fmt == "npz" and not os.path.isfile(path):
+            r.fail("dataset.path", f"{path} is not a file (format npz)")
+        if fmt != "npz" and not os.path.isdir(path):
+            r.fail("dataset.path", f"{path} is not a directory (format {fmt})")
+    return DatasetConfig(fmt, path, r.flag(data, "dataset.train"))
+
+
+def _augmix(r: _Reader, data: Any, preprocess: str) -> AugMixConfig:
+    params = r.section(data, "augmix")
+    params.setdefault("severity", DEFAULT_SEVERITY[preprocess])
+    alpha = params.get("alpha")
+    if isinstance(alpha, int | float) and not isinstance(alpha, bool):
+        if not math.isfinite(alpha):
+            r.fail("augmix.alpha", f"must be a finite number > 0, got {alpha!r}")
+        params["alpha"] = float(alpha)
+    try:
+        return AugMixConfig(**params)
+    except (TypeError, ValueError) as exc:
+        # AugMixConfig's messages read "augmix <field> <problem>".
+        match = re.fullmatch(r"augmix (\w+) (.*)", str(exc), re.DOTALL)
+        if match and match[1] in _SECTIONS["augmix"]:
+            r.fail(f"augmix.{match[1]}", match[2])
+        r.fail("augmix", str(exc))
+
+
+def config_from_dict(
+    data: Mapping[str, Any] | None,
+    source: str = "<config>",
+    check_paths: bool = True,
+    *,
+    base_dir: str | None = None,
+) -> JobConfig:
+    """Validate ``data`` (the parsed YAML, or :meth:`JobConfig.to_dict`) into a JobConfig.
+
+    ``source`` names the origin in error messages. A relative ``dataset.path`` is joined to
+    ``base_dir`` when given, else kept as is. ``check_paths`` requires the path to exist here.
+    """
+    r = _Reader(source)
+    if not isinstance(data, Mapping):
+        got = "an empty file" if data is None else f"{type(data).__name__} {data!r:.60}"
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of keys (dataset: ..., augmix: ...), "
+            f"got {got}",
+            source,
+        )
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown_key(source, str(key))
+    dataset = _dataset(r, data.get("dataset"), check_paths, base_dir)
+    default_pre = "cifar" if dataset.format in ("cifar10", "cifar100") else "imagenet"
+    preprocess = r.choice(data, "preprocess", tuple(PREPROCESSING), default_pre)
+    limits = r.section(data.get("limits"), "limits")
+    bind = data.get("bind", _DEFAULTS["bind"])
+    if not isinstance(bind, str) or not _BIND.fullmatch(bind):
+        r.fail("bind", f"must be a ZeroMQ address like tcp://0.0.0.0:5555, got {bind!r}")
+    return JobConfig(
+        dataset=dataset,
+        preprocess=preprocess,
+        augmix=_augmix(r, data.get("augmix"), preprocess),
+        jsd=r.flag(data, "jsd"),
+        batch_size=r.integer(data, "batch_size", 1),
+        seed=r.integer(data, "seed", 0),
+        drop_last=r.flag(data, "drop_last"),
+        error_policy=r.choice(data, "error_policy", ERROR_POLICIES),
+        bind=bind,
+        workers=r.integer(data, "workers", 0),
+        limits=Limits(
+            max_message_bytes=r.integer(limits, "limits.max_message_bytes", 1),
+            heartbeat_interval=r.number(limits, "limits.heartbeat_interval"),
+            heartbeat_misses=r.integer(limits, "limits.heartbeat_misses", 1),
+            worker_slots=r.integer(limits, "limits.worker_slots", 1),
+            max_prefetch_bytes=r.integer(limits, "limits.max_prefetch_bytes", 1),
+        ),
+    )
+
+
+def _apply_overrides(source: str, data: Any, overrides: Mapping[str, Any]) -> Any:
+    """``data`` with dotted-key ``overrides`` applied (a copy; None values are ignored)."""
+    if not isinstance(data, Mapping):
+        return data  # config_from_dict reports it
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for dotted, value in overrides.items():
+        if dotted not in KEYS:
+            raise _unknown_key(source, str(dotted), "override key")
+        if value is None:
+            continue
+        name, _, sub = dotted.partition(".")
+        if not sub:
+            merged[name] = value
+        elif merged.get(name) is None:
+            merged[name] = {sub: value}
+        elif isinstance(merged[name], dict):
+            merged[name][sub] = value
+        # else: the file's section is not a mapping; config_from_dict reports it.
+    return merged
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: Mapping[str, Any] | None = None,
+    check_paths: bool = True,
+) -> JobConfig:
+    """Load and validate the YAML job file at ``path``.
+
+    ``overrides`` maps dotted keys (``"workers"``, ``"augmix.severity"``) to values that take
+    precedence over the file; None values are ignored (an unset command-line flag). A relative
+    ``dataset.path`` is resolved against the file's folder (against the current directory when
+    it comes from an override). ``check_paths=False`` skips the check that it exists here.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}", source) from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}", source) from exc
+    overrides = dict(overrides or {})
+    base_dir = os.path.dirname(os.path.abspath(source))
+    if any(overrides.get(k) is not None for k in ("dataset", "dataset.path")):
+        base_dir = os.getcwd()
+    data = _apply_overrides(source, data, overrides)
+    try:
+        return config_from_dict(data, source, check_paths, base_dir=base_dir)
+    except ConfigError as exc:
+        key = exc.key or ""
+        overridden = [k for k, v in overrides.items() if v is not None]
+        if any(key == k or key.startswith(f"{k}.") for k in overridden):
+            message = str(exc).replace(f"{source}: {key}:", f"{source}: {key} (override):", 1)
+            raise ConfigError(message, source, key) from None
+        raise

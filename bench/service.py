@@ -1,0 +1,316 @@
+"""Service benchmark: dispatcher + workers + RemoteAugMixLoader, end to end on loopback.
+
+Prints, from one run on this machine:
+1. end-to-end samples/s through the service with W workers, side by side with a PyTorch
+   DataLoader with the same number of workers running the usual per-image PIL AugMix dataset
+   (the comparator of bench/kernel.py), and the ratio;
+2. transport overhead: the service with 1 worker against the kernel's own rate in one process;
+3. time to first batch of a new epoch (workers warm);
+4. the loopback ceiling with augmentation off (simulated workers answer every task at once with
+   a prepared batch): GB/s that reach the training process through RemoteAugMixLoader;
+5. how many tasks/s one dispatcher assigns and relays with many no-op workers (target 20k/s).
+
+    python bench/service.py [--workers 2] [--samples 2048] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import skimage.data
+import torch
+import zmq
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import UsualAugMix
+
+from augserver import protocol
+from augserver.augmix import augmix_views, sample_rng
+from augserver.config import load_config
+from augserver.datasets import open_dataset
+from augserver.transforms import preprocess
+from client.loader import RemoteAugMixLoader
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def photo_crops(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` real-photo images: random 96x96 crops of scikit-image photos resized to ``size``."""
+    rng = np.random.default_rng(0)
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    images = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        top = rng.integers(0, photo.shape[0] - 96)
+        left = rng.integers(0, photo.shape[1] - 96)
+        crop = Image.fromarray(photo[top : top + 96, left : left + 96])
+        images.append(np.asarray(crop.resize((size, size), Image.BILINEAR)))
+    return np.stack(images), rng.integers(0, 10, size=n)
+
+
+class Server:
+    """``augserver serve`` in a subprocess, stopped on exit."""
+
+    def __init__(self, config: Path, workers: int) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "augserver", "serve", "--config", str(config),
+             "--bind", self.address, "--workers", str(workers), "--log-level", "WARNING"]
+        )  # fmt: skip
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def epoch_rate(loader: RemoteAugMixLoader, epoch: int) -> tuple[float, float]:
+    """(samples/s over one epoch, seconds to the first batch) through ``loader``."""
+    loader.set_epoch(epoch)
+    start = time.perf_counter()
+    first = None
+    samples = 0
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - start
+        samples += len(batch)
+    return samples / (time.perf_counter() - start), first or 0.0
+
+
+def service_rate(config: Path, workers: int) -> tuple[float, float]:
+    with Server(config, workers) as server:
+        loader = RemoteAugMixLoader(server.address, prefetch=8, timeout=120)
+        epoch_rate(loader, 0)  # warm: workers compiled and the page cache full
+        rate, _ = epoch_rate(loader, 1)
+        _, first = epoch_rate(loader, 2)
+        return rate, first
+
+
+class UsualDataset(torch.utils.data.Dataset):
+    """The usual AugMix dataset: PIL images, reference PIL ops, ToTensor+Normalize per chain."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.images = [Image.fromarray(img) for img in x]
+        self.labels = y
+        self.augmix = UsualAugMix("cifar", 3)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.augmix(self.images[i], np.random.default_rng(i)), int(self.labels[i])
+
+
+def dataloader_rate(x: np.ndarray, y: np.ndarray, workers: int, batch: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        UsualDataset(x, y), batch_size=batch, shuffle=True, num_workers=workers,
+        persistent_workers=True, prefetch_factor=4,
+    )  # fmt: skip
+    for _ in loader:  # warm-up epoch
+        pass
+    start = time.perf_counter()
+    samples = sum(len(labels) for _, labels in loader)
+    return samples / (time.perf_counter() - start)
+
+
+def kernel_rate(config: Path, seconds: float) -> float:
+    """The kernel's own rate in this process: read, crop, AugMix, exactly as a worker does."""
+    job = load_config(config)
+    dataset = open_dataset(job.dataset.format, job.dataset.path, job.dataset.train)
+    out = np.empty((2, job.image_size, job.image_size, 3), np.uint8)
+    count = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        i = count % len(dataset)
+        rng = sample_rng(job.seed, 0, i)
+        image = dataset.sample(i, lambda s, rng=rng: preprocess(job.preprocess, s, rng))
+        augmix_views(image, rng, job.augmix, 2, out=out)
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------- simulated (no-op) workers
+
+
+def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> None:
+    """A worker that answers every task at once with a prepared batch of the right shape."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    sock.send_multipart(
+        protocol.encode(
+            "hello", role="worker", protocol=protocol.PROTOCOL_VERSION,
+            versions=protocol.pixel_versions(), name=f"noop-{threading.get_native_id()}",
+        )
+    )  # fmt: skip
+    welcome = protocol.decode(sock.recv_multipart(copy=False))
+    job = welcome["config"]
+    side = 32 if job["preprocess"] == "cifar" else 224
+    views = 3 if job["jsd"] else 1
+    batch = job["batch_size"]
+    pixels = np.zeros((views, batch, side, side, 3), np.uint8)
+    labels = np.zeros(batch, np.int64)
+    sock.send_multipart(protocol.encode("ready", slots=4))
+    last_beat = time.monotonic()
+    while not stop.is_set():
+        if time.monotonic() - last_beat > 0.5:
+            sock.send_multipart(protocol.encode("heartbeat"))
+            last_beat = time.monotonic()
+        if not sock.poll(100):
+            continue
+        message = protocol.decode(sock.recv_multipart(copy=False))
+        if message.type != "task":
+            continue
+        indices = np.asarray(message["indices"], np.int64)
+        n = len(indices)
+        sock.send_multipart(
+            protocol.encode(
+                "result", [pixels[:, :n], labels[:n], indices], task=message["task"], failed=[]
+            ),
+            copy=False,
+        )
+        sock.send_multipart(protocol.encode("ready", slots=1))
+    sock.close()
+
+
+def loopback_ceiling(config: Path, seconds: float, workers: int) -> float:
+    """GB/s of batches reaching RemoteAugMixLoader (uint8, normalize=False) from no-op workers."""
+    stop = threading.Event()
+    context = zmq.Context()
+    with Server(config, 0) as server:
+        threads = [
+            threading.Thread(target=noop_worker, args=(server.address, stop, context), daemon=True)
+            for _ in range(workers)
+        ]
+        for t in threads:
+            t.start()
+        loader = RemoteAugMixLoader(server.address, prefetch=16, normalize=False, timeout=60)
+        total = 0
+        start = time.perf_counter()
+        epoch = 0
+        while time.perf_counter() - start < seconds:
+            loader.set_epoch(epoch)
+            for batch in loader:
+                total += sum(v.numel() for v in (batch.orig, batch.aug1, batch.aug2))
+            epoch += 1
+        rate = total / (time.perf_counter() - start) / 1e9
+        stop.set()
+        for t in threads:
+            t.join()
+    context.term()
+    return rate
+
+
+def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> float:
+    """Tasks/s one dispatcher assigns and relays: batch-size-1 tasks, no-op workers, a raw
+    client that grants credits as fast as batches arrive."""
+    stop = threading.Event()
+    context = zmq.Context()
+    with Server(config, 0) as server:
+        threads = [
+            threading.Thread(target=noop_worker, args=(server.address, stop, context), daemon=True)
+            for _ in range(workers)
+        ]
+        for t in threads:
+            t.start()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.address)
+        sock.send_multipart(
+            protocol.encode(
+                "hello", role="client", protocol=protocol.PROTOCOL_VERSION,
+                versions=protocol.pixel_versions(), name="bench",
+            )
+        )  # fmt: skip
+        protocol.decode(sock.recv_multipart(copy=False))
+        received = 0
+        epoch = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            sock.send_multipart(
+                protocol.encode(
+                    "open", stream=f"s{epoch}", epoch=epoch, rank=0, world_size=1,
+                    ordered=False, credits=256, done=[],
+                )
+            )  # fmt: skip
+            while True:
+                message = protocol.decode(sock.recv_multipart(copy=False))
+                if message.type == "batch":
+                    received += 1
+                    sock.send_multipart(protocol.encode("credit", stream=f"s{epoch}", n=1))
+                elif message.type == "end":
+                    break
+            epoch += 1
+        rate = received / (time.perf_counter() - start)
+        sock.close()
+        stop.set()
+        for t in threads:
+            t.join()
+    context.term()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    with tempfile.TemporaryDirectory(prefix="augserver-bench-") as tmp:
+        x, y = photo_crops(args.samples)
+        np.savez(Path(tmp) / "photos32.npz", x=x, y=y)
+        config = Path(tmp) / "bench.yaml"
+        config.write_text(
+            f"dataset: {{format: npz, path: {Path(tmp) / 'photos32.npz'}}}\n"
+            f"preprocess: cifar\nbatch_size: {args.batch_size}\n"
+        )
+        tiny = Path(tmp) / "tiny.yaml"
+        tiny.write_text(
+            f"dataset: {{format: npz, path: {Path(tmp) / 'photos32.npz'}}}\n"
+            "preprocess: cifar\nbatch_size: 1\n"
+        )
+        print(f"dataset: {args.samples} real-photo images 32x32, CIFAR preprocessing, severity 3,"
+              f" JSD, batch {args.batch_size}, {os.cpu_count()} cores")
+        service, _ = service_rate(config, args.workers)
+        usual = dataloader_rate(x, y, args.workers, args.batch_size)
+        print(
+            f"1. end to end, {args.workers} workers: augserver {service:8.0f} samples/s   "
+            f"DataLoader + usual PIL AugMix {usual:7.0f} samples/s   ratio {service / usual:.1f}x"
+        )
+        one_worker, first = service_rate(config, 1)
+        kernel = kernel_rate(config, args.seconds)
+        print(f"2. transport: 1 worker {one_worker:8.0f} samples/s vs kernel alone {kernel:8.0f}"
+              f" samples/s: overhead {100 * (1 - one_worker / kernel):.1f} %")
+        print(f"3. time to first batch (new epoch, warm workers): {first * 1000:.0f} ms")
+        ceiling = loopback_ceiling(config, args.seconds, args.workers)
+        print(f"4. loopback ceiling, augmentation off: {ceiling:.2f} GB/s into the trainer")
+        tasks = dispatcher_tasks_per_second(tiny, args.seconds, 8)
+        print(f"5. one dispatcher, 8 no-op workers: {tasks:8.0f} tasks/s assigned and relayed")
+
+
+if __name__ == "__main__":
+    main()

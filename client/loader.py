@@ -123,6 +123,7 @@ class RemoteAugMixLoader:
         self._std_override = std
         self._consumed: set[int] = set()
         self._consumed_epoch: int | None = None
+        self._resumed = False
         self._job: JobConfig | None = None
         self._dataset_len: int | None = None
         self._scale: torch.Tensor | None = None
@@ -168,20 +169,21 @@ class RemoteAugMixLoader:
         self.epoch = int(state["epoch"])
         self._consumed = from_ranges(state["consumed"])
         self._consumed_epoch = self.epoch
+        self._resumed = True
 
     def __iter__(self) -> Iterator[AugMixBatch]:
         plan = self._plan()
+        resumed, self._resumed = self._resumed, False
         if self._consumed_epoch != self.epoch:
             self._consumed = set()
             self._consumed_epoch = self.epoch
-        remaining = plan.num_batches - len(self._consumed)
-        if remaining <= 0:
-            self._consumed = set()  # the epoch was complete: a new pass starts from scratch
-            return
+        if len(self._consumed) >= plan.num_batches:
+            if resumed:
+                return  # resumed exactly at the end of the epoch: nothing left to replay
+            self._consumed = set()  # a new pass over the same epoch
         stream = _Stream(self, plan.num_batches)
         try:
-            yield from self._batches(stream, remaining)
-            self._consumed = set()  # epoch done: the next iteration starts afresh
+            yield from self._batches(stream, plan.num_batches - len(self._consumed))
         finally:
             stream.stop()
 

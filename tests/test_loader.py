@@ -1,0 +1,300 @@
+"""RemoteAugMixLoader end to end: real dispatcher and worker processes on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from augserver.augmix import AugMixConfig, augmix_views, sample_rng
+from augserver.plan import ShardPlan
+from augserver.transforms import preprocess
+from client import AugMixBatch, RemoteAugMixLoader, RemoteError
+from tests.loader_harness import Processes, free_address, job_config
+
+N = 48  # samples; batch 8 -> 6 batches per epoch on one rank
+
+
+@pytest.fixture
+def procs():
+    processes = Processes()
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+def collect(loader: RemoteAugMixLoader, stop_after: int | None = None) -> list[AugMixBatch]:
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if stop_after is not None and len(batches) == stop_after:
+            break
+    return batches
+
+
+def indices(batches: list[AugMixBatch]) -> list[int]:
+    return [int(i) for b in batches for i in b.index]
+
+
+def stream_hash(batches: list[AugMixBatch]) -> str:
+    digest = hashlib.sha256()
+    for b in batches:
+        for t in (b.orig, b.aug1, b.aug2, b.target, b.index):
+            digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_epoch_exactly_once_with_two_workers_and_exact_bytes(tmp_path, procs):
+    config = job_config(tmp_path, N)
+    address = free_address()
+    procs.serve(config, address, workers=2)
+    loader = RemoteAugMixLoader(address, prefetch=3, timeout=60, normalize=False)
+    assert len(loader) == 6
+    batches = collect(loader)
+    plan = ShardPlan(0, 0, N, 0, 1, 8)
+    assert sorted(indices(batches)) == sorted(plan.indices.tolist())
+    assert len(indices(batches)) == N, "a sample arrived twice"
+    first = batches[0]
+    assert first.orig.shape == (8, 3, 32, 32) and first.orig.dtype == torch.uint8
+    # every byte is the kernel's output for (seed, epoch, index), whoever made it
+    data = np.load(tmp_path / "photos.npz")
+    i = int(first.index[0])
+    rng = sample_rng(0, 0, i)
+    image = preprocess("cifar", data["x"][i], rng)
+    views = augmix_views(image, rng, AugMixConfig(severity=3), 2)
+    assert np.array_equal(first.orig[0].permute(1, 2, 0).numpy(), image)
+    assert np.array_equal(first.aug1[0].permute(1, 2, 0).numpy(), views[0])
+    assert np.array_equal(first.aug2[0].permute(1, 2, 0).numpy(), views[1])
+    assert int(first.target[0]) == int(data["y"][i])
+
+
+def test_normalised_float_views_and_concat(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=1)
+    loader = RemoteAugMixLoader(address, timeout=60)
+    batch = next(iter(loader))
+    assert batch.orig.dtype == torch.float32 and batch.orig.shape == (8, 3, 32, 32)
+    assert float(batch.aug1.min()) >= -1.0 and float(batch.aug1.max()) <= 1.0  # CIFAR 0.5/0.5
+    assert batch.concat().shape == (24, 3, 32, 32)
+    raw = RemoteAugMixLoader(address, timeout=60, normalize=False, ordered=True)
+    norm = RemoteAugMixLoader(address, timeout=60, ordered=True)
+    a, b = next(iter(raw)), next(iter(norm))
+    assert torch.allclose(b.orig, (a.orig.float() / 255 - 0.5) / 0.5, atol=1e-6)
+
+
+def test_single_view_without_jsd(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N, jsd="false"), address, workers=1)
+    batch = next(iter(RemoteAugMixLoader(address, timeout=60)))
+    assert batch.orig is None and batch.aug2 is None
+    assert batch.aug1.shape == (8, 3, 32, 32) and batch.concat().shape == (8, 3, 32, 32)
+
+
+def test_worker_killed_mid_epoch_nothing_missing_nothing_twice(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, 96), address)
+    victims = [procs.worker(address), procs.worker(address)]
+    loader = RemoteAugMixLoader(address, prefetch=2, timeout=60)
+    seen: list[int] = []
+    for step, batch in enumerate(loader):
+        seen += batch.index.tolist()
+        if step == 2:
+            Processes.kill(victims[0])
+    assert sorted(seen) == sorted(ShardPlan(0, 0, 96, 0, 1, 8).indices.tolist())
+    assert len(seen) == len(set(seen)) == 96
+
+
+def test_ordered_stream_is_identical_for_any_worker_count_and_failures(tmp_path, procs):
+    config = job_config(tmp_path, N)
+    hashes = []
+    for workers, kill in ((1, False), (3, False), (3, True)):
+        address = free_address()
+        server = procs.serve(config, address)
+        started = [procs.worker(address) for _ in range(workers)]
+        loader = RemoteAugMixLoader(address, ordered=True, prefetch=2, timeout=60,
+                                    normalize=False)  # fmt: skip
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if kill and len(batches) == 2:
+                Processes.kill(started[0])
+        assert [int(b.index[0]) for b in batches] == [
+            int(ShardPlan(0, 0, N, 0, 1, 8).batch(p)[0]) for p in range(6)
+        ], "ordered mode must follow the plan order"
+        hashes.append(stream_hash(batches))
+        Processes.kill(server)
+    assert hashes[0] == hashes[1] == hashes[2]
+
+
+def test_resume_at_start_middle_and_end_of_epoch(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    full = set(ShardPlan(0, 3, N, 0, 1, 8).indices.tolist())
+
+    # step 0: a state taken before iterating resumes the whole epoch
+    loader = RemoteAugMixLoader(address, epoch=3, timeout=60)
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = RemoteAugMixLoader(address, timeout=60)
+    resumed.load_state_dict(state)
+    assert set(indices(collect(resumed))) == full
+
+    # mid-epoch: no replay, no gap (the resumed loader may have another prefetch)
+    loader = RemoteAugMixLoader(address, epoch=3, timeout=60)
+    head = collect(loader, stop_after=2)
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = RemoteAugMixLoader(address, prefetch=1, timeout=60)
+    resumed.load_state_dict(state)
+    tail = collect(resumed)
+    assert len(tail) == 4
+    assert sorted(indices(head) + indices(tail)) == sorted(full)
+
+    # exactly at the epoch end: nothing is replayed, the next epoch starts normally
+    loader = RemoteAugMixLoader(address, epoch=3, timeout=60)
+    collect(loader)
+    state = loader.state_dict()
+    resumed = RemoteAugMixLoader(address, timeout=60)
+    resumed.load_state_dict(state)
+    assert collect(resumed) == []
+    resumed.set_epoch(4)
+    assert len(collect(resumed)) == 6
+
+
+def test_ordered_resume_continues_the_same_stream(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    whole = collect(RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False))
+    loader = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False)
+    head = collect(loader, stop_after=3)
+    resumed = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False)
+    resumed.load_state_dict(loader.state_dict())
+    assert stream_hash(head + collect(resumed)) == stream_hash(whole)
+
+
+def test_dispatcher_restart_mid_epoch(tmp_path, procs):
+    config = job_config(tmp_path, 96)
+    address = free_address()
+    server = procs.serve(config, address)
+    procs.worker(address)
+    procs.worker(address)
+    loader = RemoteAugMixLoader(address, prefetch=2, timeout=90, liveness=2.0)
+    seen: list[int] = []
+    for step, batch in enumerate(loader):
+        seen += batch.index.tolist()
+        if step == 3:
+            Processes.kill(server)
+            time.sleep(0.5)
+            server = procs.serve(config, address)  # same port: workers and client come back
+    assert sorted(seen) == sorted(ShardPlan(0, 0, 96, 0, 1, 8).indices.tolist())
+
+
+def test_client_started_before_the_dispatcher(tmp_path, procs):
+    address = free_address()
+    result: dict[str, object] = {}
+
+    def train() -> None:
+        try:
+            result["indices"] = indices(collect(RemoteAugMixLoader(address, timeout=60)))
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    time.sleep(1.5)
+    procs.serve(job_config(tmp_path, N), address, workers=1)
+    thread.join(timeout=90)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    assert sorted(result["indices"]) == sorted(ShardPlan(0, 0, N, 0, 1, 8).indices.tolist())
+
+
+def test_slow_consumer_holds_memory_bounded(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, 96), address, workers=2)
+    loader = RemoteAugMixLoader(address, prefetch=2, timeout=60)
+    peaks = []
+    consumed = 0
+    for _batch in loader:
+        consumed += 1
+        time.sleep(0.3)  # a slow training step: workers must wait, nothing piles up
+        status = _status(address)
+        for client in status["clients"]:
+            for s in client["streams"]:
+                peaks.append(s["in_flight"] + s["credits"])
+        produced = sum(w["tasks_done"] for w in status["workers"])
+        assert produced <= consumed + 2, "workers ran ahead of the granted credits"
+    assert consumed == 12
+    assert peaks and max(peaks) <= 2
+
+
+def _status(address: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "augserver", "status", "--connect", address, "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def test_server_errors_surface_in_the_training_process(tmp_path, procs):
+    data = np.load(Path(job_config(tmp_path, N)).parent / "photos.npz")
+    folder = tmp_path / "folder"
+    (folder / "a").mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(8):
+        Image.fromarray(data["x"][i]).save(folder / "a" / f"{i}.png")
+    (folder / "a" / "9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    config = tmp_path / "fail.yaml"
+    config.write_text(
+        f"dataset: {{format: imagefolder, path: {folder}}}\npreprocess: cifar\n"
+        "batch_size: 9\nerror_policy: fail\n"
+    )
+    address = free_address()
+    procs.serve(config, address, workers=1)
+    with pytest.raises(RemoteError, match=r"9_broken\.png"):
+        collect(RemoteAugMixLoader(address, timeout=60))
+
+
+def test_two_ranks_under_torch_distributed(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    init = f"file://{tmp_path / 'dist-init'}"
+    script = Path(__file__).with_name("distributed_rank.py")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), address, init, str(rank), "2", str(tmp_path)],
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+        )
+        for rank in range(2)
+    ]
+    for proc in ranks:
+        assert proc.wait(timeout=120) == 0
+    shards = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert shards[0]["batches"] == shards[1]["batches"] == shards[0]["len"]
+    assert set(shards[0]["indices"]).isdisjoint(shards[1]["indices"])
+    assert sorted(shards[0]["indices"] + shards[1]["indices"]) == list(range(N))
+
+
+def test_loader_arguments_are_checked():
+    with pytest.raises(ValueError, match="rank"):
+        RemoteAugMixLoader("tcp://127.0.0.1:1", rank=2, world_size=2)
+    with pytest.raises(ValueError, match="prefetch"):
+        RemoteAugMixLoader("tcp://127.0.0.1:1", prefetch=0)
+    loader = RemoteAugMixLoader("tcp://127.0.0.1:1", rank=0, world_size=1)
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        loader.load_state_dict({"epoch": 0, "rank": 1, "world_size": 2, "consumed": []})
+
+
+def test_no_dispatcher_is_a_clear_timeout():
+    loader = RemoteAugMixLoader(free_address(), timeout=1.5)
+    with pytest.raises(TimeoutError, match="no augserver dispatcher answered"):
+        len(loader)

@@ -35,10 +35,12 @@ def photo_npz(path: Path, n: int = 48, size: int = 32) -> Path:
     return path
 
 
-def job_config(tmp: Path, n: int = 48, batch_size: int = 8, **keys: object) -> Path:
-    """A YAML job over :func:`photo_npz` with CIFAR preprocessing and extra top-level keys."""
+def job_config(
+    tmp: Path, n: int = 48, batch_size: int = 8, preprocess: str = "cifar", **keys: object
+) -> Path:
+    """A YAML job over :func:`photo_npz` (CIFAR preprocessing by default) plus extra keys."""
     data = photo_npz(tmp / "photos.npz", n)
-    lines = [f"dataset: {{format: npz, path: {data}}}", "preprocess: cifar"]
+    lines = [f"dataset: {{format: npz, path: {data}}}", f"preprocess: {preprocess}"]
     lines += [f"batch_size: {batch_size}", *(f"{key}: {value}" for key, value in keys.items())]
     config = tmp / "job.yaml"
     config.write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ import torch
 
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
 from augserver.plan import ShardPlan
+from augserver.status import request_status
 from augserver.transforms import preprocess
 from client import AugMixBatch, RemoteAugMixLoader, RemoteError
 from tests.loader_harness import Processes, free_address, job_config
@@ -100,18 +101,32 @@ def test_single_view_without_jsd(tmp_path, procs):
     assert batch.aug1.shape == (8, 3, 32, 32) and batch.concat().shape == (8, 3, 32, 32)
 
 
+def busy_worker(address: str, workers: list[subprocess.Popen]) -> subprocess.Popen:
+    """The worker process that holds a task right now (asked through ``augserver status``)."""
+    by_pid = {proc.pid: proc for proc in workers if proc.poll() is None}
+    for _ in range(500):
+        for worker in _status(address)["workers"]:
+            pid = int(worker["name"].rsplit(":", 1)[1])
+            if worker["in_flight"] > 0 and pid in by_pid:
+                return by_pid[pid]
+        time.sleep(0.005)
+    raise AssertionError("no worker held a task")
+
+
 def test_worker_killed_mid_epoch_nothing_missing_nothing_twice(tmp_path, procs):
     address = free_address()
-    procs.serve(job_config(tmp_path, 96), address)
-    victims = [procs.worker(address), procs.worker(address)]
+    # 224x224 ImageNet preprocessing: a batch of 16 takes long enough to be caught in flight
+    procs.serve(job_config(tmp_path, 96, batch_size=16, preprocess="imagenet"), address)
+    workers = [procs.worker(address), procs.worker(address)]
     loader = RemoteAugMixLoader(address, prefetch=2, timeout=60)
     seen: list[int] = []
     for step, batch in enumerate(loader):
         seen += batch.index.tolist()
         if step == 2:
-            Processes.kill(victims[0])
-    assert sorted(seen) == sorted(ShardPlan(0, 0, 96, 0, 1, 8).indices.tolist())
+            Processes.kill(busy_worker(address, workers))
+    assert sorted(seen) == sorted(ShardPlan(0, 0, 96, 0, 1, 16).indices.tolist())
     assert len(seen) == len(set(seen)) == 96
+    assert _status(address)["counters"]["tasks_reissued"] >= 1
 
 
 def test_ordered_stream_is_identical_for_any_worker_count_and_failures(tmp_path, procs):
@@ -127,7 +142,7 @@ def test_ordered_stream_is_identical_for_any_worker_count_and_failures(tmp_path,
         for batch in loader:
             batches.append(batch)
             if kill and len(batches) == 2:
-                Processes.kill(started[0])
+                Processes.kill(busy_worker(address, started))
         assert [int(b.index[0]) for b in batches] == [
             int(ShardPlan(0, 0, N, 0, 1, 8).batch(p)[0]) for p in range(6)
         ], "ordered mode must follow the plan order"
@@ -237,11 +252,7 @@ def test_slow_consumer_holds_memory_bounded(tmp_path, procs):
 
 
 def _status(address: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "augserver", "status", "--connect", address, "--json"],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout)
+    return request_status(address, timeout=10)
 
 
 def test_server_errors_surface_in_the_training_process(tmp_path, procs):

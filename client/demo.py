@@ -1,7 +1,7 @@
 """The main job on a built-in dataset: a dispatcher with local workers feeding a short training
 run through ``RemoteAugMixLoader`` and ``jsd_loss``.
 
-    python -m client.demo [--workers 2] [--steps 60] [--batch-size 64]
+    python -m client.demo [--workers 2] [--steps 100] [--batch-size 64]
 
 It needs no download: the dataset is scikit-learn's handwritten digits (1797 real 8x8 scans,
 shipped with the package), upscaled to 32x32 RGB and written as an ``.npz``. It starts
@@ -42,10 +42,10 @@ def digits_npz(path: Path) -> Path:
 def small_cnn(num_classes: int = 10) -> nn.Module:
     """A small CNN for 32x32 inputs that trains in seconds on a CPU."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
     )  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="local worker processes")
-    parser.add_argument("--steps", type=int, default=60, help="training steps")
+    parser.add_argument("--steps", type=int, default=100, help="training steps")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         address = f"tcp://127.0.0.1:{free_port()}"
         server = subprocess.Popen(
             [sys.executable, "-m", "augserver", "serve", "--config", str(config),
-             "--bind", address, "--workers", str(args.workers)]
+             "--bind", address, "--workers", str(args.workers), "--log-level", "WARNING"]
         )  # fmt: skip
         try:
             return train(address, args.steps)

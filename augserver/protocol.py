@@ -13,10 +13,10 @@ worker                                   dispatcher
   hello{role=worker, versions}    ->       <- welcome{config, dataset_len} | refused{reason}
   ready{slots}                    ->       <- task{task, epoch, indices}        (at most slots)
   result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices)
-  heartbeat{}  every interval     ->       <- reset{reason} when it does not know the worker
+  heartbeat{}  every interval     ->       <- heartbeat{} | reset{reason} (unknown worker)
 
 client                                   dispatcher
-  hello{role=client, versions}    ->       <- welcome{config, dataset_len}
+  hello{role=client, versions}    ->       <- welcome{config, dataset_len} | refused{reason}
   open{stream, epoch, rank, ...}  ->       <- opened{stream, num_batches, batch_bytes}
   credit{stream, n}               ->       <- batch{stream, position, failed} + arrays
   ping{}                          ->       <- pong{} | reset{reason}

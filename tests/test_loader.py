@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,15 +15,55 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
 from augserver.plan import ShardPlan
 from augserver.status import request_status
 from augserver.transforms import preprocess
 from client import AugMixBatch, RemoteAugMixLoader, RemoteError
-from tests.loader_harness import Processes, free_address, job_config
+from tests.service_helpers import end_process, free_port, make_npz, spawn, wait_workers
+from tests.service_helpers import write_config as _write_config
 
 N = 48  # samples; batch 8 -> 6 batches per epoch on one rank
+
+
+def job_config(tmp: Path, n: int = N, batch_size: int = 8, **keys: object) -> Path:
+    """A job over ``n`` random 32x32 images, seed 0, fast heartbeats (dead after 0.6 s)."""
+    return _write_config(tmp, make_npz(tmp, n), batch_size=batch_size, seed=0, **keys)
+
+
+def free_address() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+class Processes:
+    """``augserver serve`` / ``worker`` subprocesses, every one ended by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def serve(self, config: Path, address: str, workers: int = 0) -> subprocess.Popen:
+        args = ["serve", "--config", str(config), "--bind", address, "--workers", str(workers)]
+        return self._spawn(args)
+
+    def worker(self, address: str) -> subprocess.Popen:
+        return self._spawn(["worker", "--connect", address, "--log-level", "WARNING"])
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        proc = spawn([*args, "--log-level", "WARNING"] if args[0] == "serve" else args)
+        self.started.append(proc)
+        return proc
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for proc in self.started:
+            end_process(proc)
 
 
 @pytest.fixture
@@ -68,7 +109,7 @@ def test_epoch_exactly_once_with_two_workers_and_exact_bytes(tmp_path, procs):
     first = batches[0]
     assert first.orig.shape == (8, 3, 32, 32) and first.orig.dtype == torch.uint8
     # every byte is the kernel's output for (seed, epoch, index), whoever made it
-    data = np.load(tmp_path / "photos.npz")
+    data = np.load(tmp_path / "data.npz")
     i = int(first.index[0])
     rng = sample_rng(0, 0, i)
     image = preprocess("cifar", data["x"][i], rng)
@@ -95,7 +136,7 @@ def test_normalised_float_views_and_concat(tmp_path, procs):
 
 def test_single_view_without_jsd(tmp_path, procs):
     address = free_address()
-    procs.serve(job_config(tmp_path, N, jsd="false"), address, workers=1)
+    procs.serve(job_config(tmp_path, N, jsd=False), address, workers=1)
     batch = next(iter(RemoteAugMixLoader(address, timeout=60)))
     assert batch.orig is None and batch.aug2 is None
     assert batch.aug1.shape == (8, 3, 32, 32) and batch.concat().shape == (8, 3, 32, 32)
@@ -136,16 +177,23 @@ def test_ordered_stream_is_identical_for_any_worker_count_and_failures(tmp_path,
         address = free_address()
         server = procs.serve(config, address)
         started = [procs.worker(address) for _ in range(workers)]
-        loader = RemoteAugMixLoader(address, ordered=True, prefetch=2, timeout=60,
+        wait_workers(address, workers)
+        if kill:
+            # A stopped worker takes its share of the first tasks and never answers: its
+            # tasks are re-issued once it misses its heartbeats, then it is killed outright.
+            started[0].send_signal(signal.SIGSTOP)
+        loader = RemoteAugMixLoader(address, ordered=True, prefetch=6, timeout=60,
                                     normalize=False)  # fmt: skip
         batches = []
         for batch in loader:
             batches.append(batch)
             if kill and len(batches) == 2:
-                Processes.kill(busy_worker(address, started))
+                Processes.kill(started[0])
         assert [int(b.index[0]) for b in batches] == [
             int(ShardPlan(0, 0, N, 0, 1, 8).batch(p)[0]) for p in range(6)
         ], "ordered mode must follow the plan order"
+        if kill:
+            assert _status(address)["counters"]["tasks_reissued"] >= 1
         hashes.append(stream_hash(batches))
         Processes.kill(server)
     assert hashes[0] == hashes[1] == hashes[2]
@@ -256,18 +304,14 @@ def _status(address: str) -> dict:
 
 
 def test_server_errors_surface_in_the_training_process(tmp_path, procs):
-    data = np.load(Path(job_config(tmp_path, N)).parent / "photos.npz")
+    data = np.load(make_npz(tmp_path, 8))
     folder = tmp_path / "folder"
     (folder / "a").mkdir(parents=True)
-    from PIL import Image
-
     for i in range(8):
         Image.fromarray(data["x"][i]).save(folder / "a" / f"{i}.png")
     (folder / "a" / "9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    config = tmp_path / "fail.yaml"
-    config.write_text(
-        f"dataset: {{format: imagefolder, path: {folder}}}\npreprocess: cifar\n"
-        "batch_size: 9\nerror_policy: fail\n"
+    config = _write_config(
+        tmp_path, folder, fmt="imagefolder", batch_size=9, error_policy="fail"
     )
     address = free_address()
     procs.serve(config, address, workers=1)

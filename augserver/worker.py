@@ -1,0 +1,326 @@
+"""A worker process: asks the dispatcher for tasks, makes AugMix batches, sends them back.
+
+The conversation is in :mod:`augserver.protocol`. A worker holds no state the job depends on:
+every sample's bytes come from ``sample_rng(seed, epoch, index)``, so any worker, or a retry,
+produces the same batch.
+
+Liveness, in both directions:
+
+- The worker sends ``heartbeat`` every ``limits.heartbeat_interval`` seconds, also while busy:
+  it checks the clock between samples. A single sample that takes longer than
+  ``heartbeat_interval * heartbeat_misses`` therefore gets its task declared lost and
+  re-issued by the dispatcher (the late result is dropped as a duplicate).
+- The dispatcher answers every heartbeat. A worker that hears nothing from it for
+  ``2 * heartbeat_interval * heartbeat_misses`` seconds, or receives ``reset``, closes its
+  socket and says ``hello`` again on a fresh one, so a restarted dispatcher gets its workers
+  back.
+- ``refused`` (a version mismatch), a config the worker cannot use or a dataset it cannot open
+  are final: :func:`run_worker` logs the reason and returns :data:`EXIT_FATAL`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from augserver import protocol
+from augserver.augmix import AugMixConfig, augmix_views, sample_rng
+from augserver.config import ConfigError, JobConfig, config_from_dict
+from augserver.datasets import Dataset, DatasetError, open_dataset
+from augserver.transforms import preprocess
+
+log = logging.getLogger("augserver.worker")
+
+EXIT_FATAL = 3
+"""Exit status of a worker that must not be restarted (refused, unusable config or dataset)."""
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds to wait for ``welcome`` before saying hello again on a fresh socket."""
+_POLL_MS = 100
+
+
+class Reconnect(Exception):
+    """The dispatcher asked for (``reset``) or needs (silence) a new handshake."""
+
+
+class Fatal(Exception):
+    """The worker must stop for good; the message says why."""
+
+
+@dataclass
+class Job:
+    """What a welcome gives a worker: the validated config and its view of the dataset."""
+
+    config: JobConfig
+    dataset: Dataset
+    raw: dict[str, Any]
+
+
+def worker_name() -> str:
+    """``host:pid``, how the dispatcher and its status name this worker."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_batch(
+    job: Job, epoch: int, indices: list[int], between: Callable[[], None] = lambda: None
+) -> tuple[list[np.ndarray], list[list[Any]]]:
+    """The arrays of one task's result and its failures ``[[index, path, error], ...]``.
+
+    Arrays: views uint8 ``(V, n, H, W, 3)``, labels int64 ``(n,)``, indices int64 ``(n,)``,
+    where ``n`` counts the samples that could be read. ``between`` runs before every sample
+    (heartbeats and incoming messages while busy).
+    """
+    config, dataset = job.config, job.dataset
+    side = config.image_size
+    views = np.empty((config.views, len(indices), side, side, 3), np.uint8)
+    labels = np.empty(len(indices), np.int64)
+    done = np.empty(len(indices), np.int64)
+    augmented = np.empty((2 if config.jsd else 1, side, side, 3), np.uint8)
+    failed: list[list[Any]] = []
+    n = 0
+    for index in indices:
+        between()
+        try:
+            image = _sample_image(job, epoch, index, augmented)
+            labels[n] = dataset.label(index)
+        except Exception as exc:  # reported with its path; never kills the worker
+            failed.append(_failure(dataset, index, exc))
+            continue
+        if config.jsd:
+            views[0, n] = image
+            views[1:, n] = augmented
+        else:
+            views[0, n] = augmented[0]
+        done[n] = index
+        n += 1
+    if n < len(indices):
+        views, labels, done = np.ascontiguousarray(views[:, :n]), labels[:n], done[:n]
+    return [views, labels, done], failed
+
+
+def _failure(dataset: Dataset, index: int, exc: Exception) -> list[Any]:
+    """``[index, path, error]`` for a sample that could not be made."""
+    if isinstance(exc, DatasetError):
+        return [index, exc.path, str(exc)]
+    try:
+        path = dataset.path(index)
+    except Exception:
+        path = f"<index {index} of {len(dataset)}>"
+    log.warning("sample %d (%s) failed: %s: %s", index, path, type(exc).__name__, exc)
+    return [index, path, f"{type(exc).__name__}: {exc}"]
+
+
+def _sample_image(job: Job, epoch: int, index: int, augmented: np.ndarray) -> np.ndarray:
+    """Preprocess sample ``index`` and fill ``augmented`` with its AugMix views."""
+    config, dataset = job.config, job.dataset
+    rng = sample_rng(config.seed, epoch, index)
+    image = dataset.sample(index, lambda source: preprocess(config.preprocess, source, rng))
+    side = config.image_size
+    if image.shape != (side, side, 3):
+        raise DatasetError(
+            dataset.path(index), index, f"preprocessed to {image.shape}, not {(side, side, 3)}"
+        )
+    augmix_views(image, rng, config.augmix, len(augmented), out=augmented)
+    return image
+
+
+def warm_up() -> None:
+    """Load the compiled kernels (numba's cache) before the first task, so that the first
+    sample is not slow enough to miss heartbeats (about 0.4 s here)."""
+    rng = sample_rng(0, 0, 0)
+    for name, side in (("cifar", 32), ("imagenet", 64)):
+        image = preprocess(name, np.zeros((side, side, 3), np.uint8), rng)
+        augmix_views(image, rng, AugMixConfig(severity=10, all_ops=True), 2)
+
+
+class Worker:
+    """One connection's worth of worker state; :func:`run_worker` drives it."""
+
+    def __init__(self, connect: str, name: str, stop: threading.Event) -> None:
+        self.connect = connect
+        self.name = name
+        self.stop = stop
+        self.context = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.job: Job | None = None
+        self.tasks: deque[protocol.Message] = deque()
+        self.last_heard = self.last_beat = time.monotonic()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Serve until ``stop`` is set (0) or a fatal condition (:data:`EXIT_FATAL`)."""
+        warm_up()
+        try:
+            while not self.stop.is_set():
+                try:
+                    if self._handshake():
+                        self._serve()
+                except Reconnect as exc:
+                    if not self.stop.is_set():
+                        log.warning("worker %s: %s; saying hello again", self.name, exc)
+            return 0
+        except Fatal as exc:
+            log.error("worker %s stops: %s", self.name, exc)
+            return EXIT_FATAL
+        finally:
+            if self.sock is not None:
+                self.sock.close(linger=0)
+            self.context.term()
+
+    def _new_socket(self) -> zmq.Socket:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.tasks.clear()
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.connect)
+        self.sock = sock
+        return sock
+
+    def _handshake(self) -> bool:
+        """hello on a fresh socket until welcome; False when stopped or timed out."""
+        sock = self._new_socket()
+        log.info("worker %s: connecting to %s", self.name, self.connect)
+        hello = protocol.encode(
+            "hello",
+            role="worker",
+            protocol=protocol.PROTOCOL_VERSION,
+            versions=protocol.pixel_versions(),
+            name=self.name,
+        )
+        while not sock.poll(_POLL_MS, zmq.POLLOUT):  # IMMEDIATE: writable once connected
+            if self.stop.is_set():
+                return False
+        sock.send_multipart(hello)
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            message = self._receive(_POLL_MS)
+            if message is None:
+                continue
+            if message.type == "welcome":
+                self._welcome(message)
+                return True
+            if message.type == "refused":
+                raise Fatal(f"refused by the dispatcher at {self.connect}: {message['reason']}")
+            log.warning("worker %s: unexpected %s before welcome, ignored", self.name, message.type)
+        if not self.stop.is_set():
+            log.warning("worker %s: no welcome from %s, retrying", self.name, self.connect)
+        return False
+
+    def _welcome(self, message: protocol.Message) -> None:
+        """Build the job from the welcome's config (reusing the dataset when unchanged)."""
+        raw = message["config"]
+        if self.job is None or self.job.raw != raw:
+            try:
+                config = config_from_dict(raw, f"config from {self.connect}", check_paths=False)
+                dataset = open_dataset(
+                    config.dataset.format, config.dataset.path, config.dataset.train
+                )
+            except (ConfigError, DatasetError, OSError, ValueError) as exc:
+                raise Fatal(f"cannot use the job: {exc}") from None
+            if len(dataset) != message["dataset_len"]:
+                raise Fatal(
+                    f"dataset {config.dataset.path} has {len(dataset)} samples here but "
+                    f"{message['dataset_len']} at the dispatcher"
+                )
+            self.job = Job(config, dataset, raw)
+        log.info("worker %s: welcomed by %s", self.name, self.connect)
+        self.last_heard = self.last_beat = time.monotonic()
+        self._send(protocol.encode("ready", slots=self.job.config.limits.worker_slots))
+
+    # ------------------------------------------------------------------ serving
+
+    def _serve(self) -> None:
+        assert self.job is not None
+        while not self.stop.is_set():
+            if self.tasks:
+                self._run_task(self.tasks.popleft())
+            else:
+                self._tick(_POLL_MS)
+
+    def _run_task(self, task: protocol.Message) -> None:
+        assert self.job is not None
+        arrays, failed = make_batch(self.job, task["epoch"], task["indices"], self._tick)
+        self._send(protocol.encode("result", arrays, task=task["task"], failed=failed))
+        self._send(protocol.encode("ready", slots=1))
+
+    def _tick(self, timeout_ms: int = 0) -> None:
+        """Heartbeat when due, handle what arrived, notice a silent dispatcher."""
+        assert self.job is not None
+        limits = self.job.config.limits
+        now = time.monotonic()
+        if now - self.last_beat >= limits.heartbeat_interval:
+            self._send(protocol.encode("heartbeat"), quiet=True)
+            self.last_beat = now
+        message = self._receive(timeout_ms)
+        while message is not None:
+            self._handle(message)
+            message = self._receive(0)
+        silence = time.monotonic() - self.last_heard
+        if silence > 2 * limits.heartbeat_timeout:
+            raise Reconnect(f"dispatcher {self.connect} silent for {silence:.1f} s")
+        if self.stop.is_set():
+            raise Reconnect("stopping")
+
+    def _handle(self, message: protocol.Message) -> None:
+        kind = message.type
+        if kind == "task":
+            self.tasks.append(message)
+        elif kind == "reset":
+            raise Reconnect(f"reset by the dispatcher: {message['reason']}")
+        elif kind == "refused":
+            raise Fatal(f"refused by the dispatcher at {self.connect}: {message['reason']}")
+        elif kind == "error":
+            log.warning("worker %s: dispatcher says: %s", self.name, message["message"])
+        elif kind != "heartbeat":
+            log.warning("worker %s: unexpected %s from the dispatcher, ignored", self.name, kind)
+
+    # ------------------------------------------------------------------ socket
+
+    def _receive(self, timeout_ms: int) -> protocol.Message | None:
+        """The next valid message, or None; malformed ones are logged and skipped."""
+        assert self.sock is not None
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        self.last_heard = time.monotonic()
+        try:
+            return protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("worker %s: malformed message from the dispatcher: %s", self.name, exc)
+            return None
+
+    def _send(self, frames: list[Any], quiet: bool = False) -> None:
+        """Send without blocking; a message the socket cannot take now (no connection) is
+        dropped and logged (the dispatcher re-issues what it does not get)."""
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            level = logging.DEBUG if quiet else logging.WARNING
+            log.log(level, "worker %s: dispatcher unreachable, message dropped", self.name)
+
+
+def run_worker(
+    connect: str, name: str | None = None, stop: threading.Event | None = None
+) -> int:
+    """Run a worker against the dispatcher at ``connect`` until ``stop`` is set.
+
+    Returns the exit status: 0 when stopped, :data:`EXIT_FATAL` when refused by the dispatcher
+    or unable to use its job (logged with the reason).
+    """
+    worker = Worker(connect, name or worker_name(), stop or threading.Event())
+    return worker.run()

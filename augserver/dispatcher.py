@@ -11,7 +11,7 @@ credits, and sending the batch spends the credit. Credits never exceed
 ``max(1, limits.max_prefetch_bytes // batch_bytes)`` (extra grants are ignored), so what the
 dispatcher holds or has in flight for a stream is bounded in bytes. The lowest pending
 position is always assigned first, streams take turns, and a worker gets at most the slots it
-announced with ``ready``.
+announced with ``ready`` (each result gives its slot back).
 
 Failures. A worker silent for ``heartbeat_interval * heartbeat_misses`` seconds is declared
 dead and its tasks go back to their streams; a late result is dropped by task id. A result
@@ -328,13 +328,23 @@ class Dispatcher:
     # ------------------------------------------------------------------ workers
 
     def _ready(self, worker: Peer, message: protocol.Message) -> None:
+        self._free_slots(worker, message["slots"])
+
+    def _free_slots(self, worker: Peer, slots: int) -> None:
         room = self.limits.worker_slots - len(worker.tasks)
-        worker.free = max(0, min(worker.free + message["slots"], room))
+        worker.free = max(0, min(worker.free + slots, room))
 
     def _beat(self, worker: Peer, message: protocol.Message) -> None:
         self._send(worker.ident, protocol.encode("heartbeat"))
 
     def _result(self, worker: Peer, message: protocol.Message) -> None:
+        """Deliver a worker's batch; a result also frees the slot its task used."""
+        try:
+            self._take_result(worker, message)
+        finally:
+            self._free_slots(worker, 1)
+
+    def _take_result(self, worker: Peer, message: protocol.Message) -> None:
         task = self.tasks.get(message["task"])
         if task is None or task.worker != worker.ident or task.position in task.stream.delivered:
             self.counters["duplicates_dropped"] += 1

@@ -12,7 +12,8 @@ Everyone connects to the dispatcher's one ROUTER socket with a DEALER socket and
 worker                                   dispatcher
   hello{role=worker, versions}    ->       <- welcome{config, dataset_len} | refused{reason}
   ready{slots}                    ->       <- task{task, epoch, indices}        (at most slots)
-  result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices)
+  result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices;
+                                              a result gives back the slot its task used)
   heartbeat{}  every interval     ->       <- heartbeat{} | reset{reason} (unknown worker)
 
 client                                   dispatcher

@@ -254,8 +254,8 @@ class Worker:
     def _run_task(self, task: protocol.Message) -> None:
         assert self.job is not None
         arrays, failed = make_batch(self.job, task["epoch"], task["indices"], self._tick)
+        # A result also frees the slot its task used: no separate ready message.
         self._send(protocol.encode("result", arrays, task=task["task"], failed=failed))
-        self._send(protocol.encode("ready", slots=1))
 
     def _tick(self, timeout_ms: int = 0) -> None:
         """Heartbeat when due, handle what arrived, notice a silent dispatcher."""

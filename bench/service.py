@@ -10,7 +10,7 @@ Prints, from one run on this machine:
    a prepared batch): GB/s that reach the training process through RemoteAugMixLoader;
 5. how many tasks/s one dispatcher assigns and relays with many no-op workers (target 20k/s).
 
-    python bench/service.py [--workers 2] [--samples 2048] [--seconds 5]
+    python bench/service.py [--workers 2] [--samples 8192] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -189,7 +189,6 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
             ),
             copy=False,
         )
-        sock.send_multipart(protocol.encode("ready", slots=1))
     sock.close()
 
 
@@ -221,9 +220,16 @@ def loopback_ceiling(config: Path, seconds: float, workers: int) -> float:
     return rate
 
 
-def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> float:
-    """Tasks/s one dispatcher assigns and relays: batch-size-1 tasks, no-op workers, a raw
-    client that grants credits as fast as batches arrive."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> tuple[float, float]:
+    """(tasks/s, dispatcher CPU seconds per task) with batch-size-1 tasks, no-op workers and a
+    raw client that grants credits as fast as batches arrive. On a small machine the load
+    generators share the cores with the dispatcher; its CPU time per task gives its capacity."""
     stop = threading.Event()
     context = zmq.Context()
     with Server(config, 0) as server:
@@ -245,6 +251,7 @@ def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> f
         protocol.decode(sock.recv_multipart(copy=False))
         received = 0
         epoch = 0
+        cpu_start = cpu_seconds(server.process.pid)
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             sock.send_multipart(
@@ -262,18 +269,19 @@ def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> f
                     break
             epoch += 1
         rate = received / (time.perf_counter() - start)
+        cpu_per_task = (cpu_seconds(server.process.pid) - cpu_start) / max(received, 1)
         sock.close()
         stop.set()
         for t in threads:
             t.join()
     context.term()
-    return rate
+    return rate, cpu_per_task
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
@@ -308,8 +316,11 @@ def main() -> None:
         print(f"3. time to first batch (new epoch, warm workers): {first * 1000:.0f} ms")
         ceiling = loopback_ceiling(config, args.seconds, args.workers)
         print(f"4. loopback ceiling, augmentation off: {ceiling:.2f} GB/s into the trainer")
-        tasks = dispatcher_tasks_per_second(tiny, args.seconds, 8)
-        print(f"5. one dispatcher, 8 no-op workers: {tasks:8.0f} tasks/s assigned and relayed")
+        tasks, cpu = dispatcher_tasks_per_second(tiny, args.seconds, 8)
+        print(
+            f"5. one dispatcher, 8 no-op workers: {tasks:8.0f} tasks/s assigned and relayed; "
+            f"dispatcher CPU {cpu * 1e6:.0f} us/task = {1 / cpu:,.0f} tasks/s per dispatcher core"
+        )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ MAX_HEADER_BYTES = 1 << 20
 """Largest frame 0 accepted (a task or a batch header with its index list fits easily)."""
 MAX_ARRAYS = 8
 ALLOWED_DTYPES = frozenset({"|u1", "<i8", "<f4"})
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
 
 ROLES = ("worker", "client", "status")
 
@@ -214,9 +215,9 @@ def check_fields(mtype: str, fields: dict[str, Any]) -> None:
     schema = SCHEMAS.get(mtype)
     if schema is None:
         raise ProtocolError(f"unknown message type {mtype!r}")
-    missing = schema.keys() - fields.keys()
-    extra = fields.keys() - schema.keys()
-    if missing or extra:
+    if fields.keys() != schema.keys():
+        missing = schema.keys() - fields.keys()
+        extra = fields.keys() - schema.keys()
         raise ProtocolError(
             f"{mtype}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}"
         )
@@ -234,16 +235,9 @@ def _decode_arrays(mtype: str, descriptions: Any, frames: Sequence[Any]) -> list
         )
     arrays = []
     for i, (description, frame) in enumerate(zip(descriptions, frames, strict=True)):
-        if (
-            not isinstance(description, list)
-            or len(description) != 2
-            or description[0] not in ALLOWED_DTYPES
-            or not isinstance(description[1], list)
-            or not all(_non_negative_int(d) for d in description[1])
-        ):
+        dtype, shape = _description(description)
+        if dtype is None:
             raise ProtocolError(f"{mtype}: array {i} is badly described: {description!r:.60}")
-        dtype = np.dtype(description[0])
-        shape = tuple(description[1])
         buffer = _buffer(frame)
         expected = math.prod(shape) * dtype.itemsize
         if len(buffer) != expected:
@@ -253,6 +247,20 @@ def _decode_arrays(mtype: str, descriptions: Any, frames: Sequence[Any]) -> list
             )
         arrays.append(np.frombuffer(buffer, dtype=dtype).reshape(shape))
     return arrays
+
+
+def _description(description: Any) -> tuple[np.dtype | None, tuple[int, ...]]:
+    """``(dtype, shape)`` of a valid ``[dtype, shape]`` array description, else ``(None, ())``."""
+    if type(description) is not list or len(description) != 2:
+        return None, ()
+    dtype = _DTYPES.get(description[0]) if type(description[0]) is str else None
+    shape = description[1]
+    if dtype is None or type(shape) is not list:
+        return None, ()
+    for extent in shape:
+        if type(extent) is not int or extent < 0:
+            return None, ()
+    return dtype, tuple(shape)
 
 
 def _buffer(frame: Any) -> memoryview:

@@ -296,19 +296,11 @@ def _brightness(src, dst, scratch, alpha):
 
 
 @njit(cache=True)
-def _smooth_row(row, x, c):
+def _smooth_row(row, x, c, middle):
+    """One kernel row: ``(left, middle, right)`` weights ``(1, middle, 1) / 13``, in float32."""
     return (
         np.float32(row[x - 1, c]) * _SMOOTH_SIDE
-        + np.float32(row[x, c]) * _SMOOTH_SIDE
-        + np.float32(row[x + 1, c]) * _SMOOTH_SIDE
-    )
-
-
-@njit(cache=True)
-def _smooth_centre_row(row, x, c):
-    return (
-        np.float32(row[x - 1, c]) * _SMOOTH_SIDE
-        + np.float32(row[x, c]) * _SMOOTH_CENTRE
+        + np.float32(row[x, c]) * middle
         + np.float32(row[x + 1, c]) * _SMOOTH_SIDE
     )
 
@@ -325,9 +317,9 @@ def _smooth(src, dst):
         for x in range(1, w - 1):
             for c in range(3):
                 ss = _HALF32
-                ss += _smooth_row(below, x, c)
-                ss += _smooth_centre_row(row, x, c)
-                ss += _smooth_row(above, x, c)
+                ss += _smooth_row(below, x, c, _SMOOTH_SIDE)
+                ss += _smooth_row(row, x, c, _SMOOTH_CENTRE)
+                ss += _smooth_row(above, x, c, _SMOOTH_SIDE)
                 ss = min(max(ss, _ZERO32), _MAX32)
                 dst[y, x, c] = np.uint8(int(ss))
 

@@ -16,6 +16,7 @@ Prints, from one run on this machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -228,17 +230,29 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
     sock.close()
 
 
-def loopback_ceiling(config: Path, seconds: float, workers: int) -> float:
-    """GB/s of batches reaching RemoteAugMixLoader (uint8, normalize=False) from no-op workers."""
+@contextlib.contextmanager
+def noop_fleet(address: str, workers: int) -> Iterator[zmq.Context]:
+    """``workers`` no-op worker threads connected to ``address``; yields their context."""
     stop = threading.Event()
     context = zmq.Context()
-    with Server(config, 0) as server:
-        threads = [
-            threading.Thread(target=noop_worker, args=(server.address, stop, context), daemon=True)
-            for _ in range(workers)
-        ]
+    threads = [
+        threading.Thread(target=noop_worker, args=(address, stop, context), daemon=True)
+        for _ in range(workers)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        yield context
+    finally:
+        stop.set()
         for t in threads:
-            t.start()
+            t.join()
+        context.term()
+
+
+def loopback_ceiling(config: Path, seconds: float, workers: int) -> float:
+    """GB/s of batches reaching RemoteAugMixLoader (uint8, normalize=False) from no-op workers."""
+    with Server(config, 0) as server, noop_fleet(server.address, workers):
         loader = RemoteAugMixLoader(server.address, prefetch=16, normalize=False, timeout=60)
         total = 0
         start = time.perf_counter()
@@ -248,12 +262,7 @@ def loopback_ceiling(config: Path, seconds: float, workers: int) -> float:
             for batch in loader:
                 total += sum(v.numel() for v in (batch.orig, batch.aug1, batch.aug2))
             epoch += 1
-        rate = total / (time.perf_counter() - start) / 1e9
-        stop.set()
-        for t in threads:
-            t.join()
-    context.term()
-    return rate
+        return total / (time.perf_counter() - start) / 1e9
 
 
 def cpu_seconds(pid: int) -> float:
@@ -266,15 +275,7 @@ def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> t
     """(tasks/s, dispatcher CPU seconds per task) with batch-size-1 tasks, no-op workers and a
     raw client that grants credits as fast as batches arrive. On a small machine the load
     generators share the cores with the dispatcher; its CPU time per task gives its capacity."""
-    stop = threading.Event()
-    context = zmq.Context()
-    with Server(config, 0) as server:
-        threads = [
-            threading.Thread(target=noop_worker, args=(server.address, stop, context), daemon=True)
-            for _ in range(workers)
-        ]
-        for t in threads:
-            t.start()
+    with Server(config, 0) as server, noop_fleet(server.address, workers) as context:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(server.address)
@@ -307,10 +308,6 @@ def dispatcher_tasks_per_second(config: Path, seconds: float, workers: int) -> t
         rate = received / (time.perf_counter() - start)
         cpu_per_task = (cpu_seconds(server.process.pid) - cpu_start) / max(received, 1)
         sock.close()
-        stop.set()
-        for t in threads:
-            t.join()
-    context.term()
     return rate, cpu_per_task
 
 

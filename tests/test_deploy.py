@@ -1,0 +1,347 @@
+"""Static checks of the deployment files (no Docker engine or cluster needed): docker-compose.yml,
+deploy/Dockerfile*, deploy/augserver.yaml and the Kubernetes manifests in deploy/k8s/.
+
+Every command line the files give to ``augserver`` is parsed with the real CLI parser, the
+job files load with the real config loader, and the manifests validate against the
+Kubernetes schemas that ``kubernetes-validate`` ships (offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from augserver.cli import build_parser
+from augserver.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+EXAMPLE_CONFIG = DEPLOY / "augserver.yaml"
+K8S = DEPLOY / "k8s"
+K8S_FILES = sorted(K8S.rglob("*.yaml"))
+PORT = 5555
+STATUS_PROBE = ["augserver", "status", "--connect", f"tcp://127.0.0.1:{PORT}", "--timeout", "3"]
+_ENV_DEFAULT = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def expand(text: str) -> str:
+    """``text`` with each ``${NAME:-default}`` replaced by its default (as Compose does with
+    NAME unset); a variable without a default is an error here."""
+
+    def default(match: re.Match[str]) -> str:
+        if match[2] is None:
+            raise AssertionError(f"{match[0]} has no default")
+        return match[2]
+
+    return _ENV_DEFAULT.sub(default, text)
+
+
+def parse_cli(argv: list[str]) -> Any:
+    """The CLI's parse of ``argv`` (without the leading ``augserver``); a flag or command the
+    real parser does not know fails the test with argparse's message."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"augserver {shlex.join(argv)}: {stderr.getvalue().strip()}")
+
+
+def under(path: str, mount: str) -> bool:
+    return PurePosixPath(mount) in (PurePosixPath(path), *PurePosixPath(path).parents)
+
+
+# ---------------------------------------------------------------------------- the CLI helper
+
+
+def test_parse_cli_rejects_unknown_flags_and_commands() -> None:
+    assert parse_cli(["worker", "--connect", "tcp://x:1", "--procs", "2"]).procs == 2
+    for argv in (["worker", "--connect", "tcp://x:1", "--threads", "2"], ["serve"], ["nope"]):
+        with pytest.raises(pytest.fail.Exception):
+            parse_cli(argv)
+    assert expand("${A:-2} ${B-x}") == "2 x"
+    with pytest.raises(AssertionError):
+        expand("${NO_DEFAULT}")
+
+
+# ---------------------------------------------------------------------------- example config
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE_CONFIG, check_paths=False)
+    assert config.dataset.format == "imagefolder"
+    assert config.dataset.path == "/data/train"
+    assert config.preprocess == "imagenet"
+    assert config.bind.endswith(f":{PORT}")
+
+
+# ---------------------------------------------------------------------------- docker compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    return [expand(a) for a in argv]
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """target -> (source, read_only) of a service's volumes, long or short syntax."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            mounts[target] = (expand(source), "ro" in mode[0].split(",") if mode else False)
+        else:
+            mounts[volume["target"]] = (expand(volume["source"]), volume.get("read_only", False))
+    return mounts
+
+
+def test_compose_services(compose: dict[str, Any]) -> None:
+    assert {"augserver", "worker"} <= set(compose["services"])
+    for name in ("augserver", "worker"):
+        assert compose["services"][name]["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+def test_compose_dispatcher(compose: dict[str, Any]) -> None:
+    service = compose["services"]["augserver"]
+    args = parse_cli(_command(service))
+    assert args.command == "serve"
+    assert args.bind == f"tcp://0.0.0.0:{PORT}"
+    assert args.workers == 2  # ${AUGSERVER_WORKERS:-2}
+    published = [expand(str(p)) for p in service["ports"]]
+    assert any(p.split(":")[-1].split("/")[0] == str(PORT) for p in published), published
+    assert service.get("restart") in ("always", "unless-stopped", "on-failure")
+    assert service["healthcheck"]["test"][1:] == STATUS_PROBE
+    parse_cli(service["healthcheck"]["test"][2:])
+
+    mounts = _mounts(service)
+    assert args.config in mounts, f"{args.config} is not mounted"
+    source, read_only = mounts[args.config]
+    assert read_only
+    config = load_config(ROOT / source, check_paths=False)  # the default file exists here
+    data_mounts = [t for t in mounts if under(config.dataset.path, t)]
+    assert data_mounts, f"dataset.path {config.dataset.path} lies under no mounted volume"
+    assert all(mounts[t][1] for t in data_mounts), "the dataset is mounted read-write"
+
+
+def test_compose_worker_scales(compose: dict[str, Any]) -> None:
+    service = compose["services"]["worker"]
+    args = parse_cli(_command(service))
+    assert args.command == "worker"
+    assert args.connect == f"tcp://augserver:{PORT}"
+    assert args.procs == 1
+    assert "container_name" not in service
+    for port in service.get("ports", []):  # a fixed host port would stop --scale worker=2
+        assert ":" not in str(port), f"worker publishes the fixed host port {port}"
+    config = load_config(ROOT / _mounts(compose["services"]["augserver"])[
+        "/config/augserver.yaml"][0], check_paths=False)
+    mounts = _mounts(service)
+    assert any(under(config.dataset.path, t) and ro for t, (_, ro) in mounts.items()), (
+        "workers need the dataset at the path the job file names"
+    )
+
+
+def test_compose_names_no_unknown_env_without_default() -> None:
+    expand(COMPOSE.read_text())  # every ${VAR} has a default
+
+
+# ---------------------------------------------------------------------------- Dockerfile
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    lines = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [
+        (m[1].upper(), m[2].strip())
+        for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.MULTILINE)
+    ]
+
+
+def test_dockerfile_server_image() -> None:
+    steps = _instructions(DOCKERFILE)
+    kinds = [kind for kind, _ in steps]
+    code = "\n".join(args for _, args in steps)
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    assert "torch" not in code.lower()
+    installs = [args for kind, args in steps if kind == "RUN" and "pip install" in args]
+    assert installs, "the package is not installed"
+    for args in installs:
+        assert "[" not in args, f"installs an extra: {args}"
+        assert "--no-cache-dir" in args
+    assert any(re.search(r"pip install --no-cache-dir \.(\s|$)", args) for args in installs)
+
+    for kind, args in steps:
+        if kind in ("COPY", "ADD"):
+            sources = [a for a in args.split()[:-1] if not a.startswith("--")]
+            assert all(s in ("pyproject.toml", "README.md", "augserver", "client", "./")
+                       or s.endswith(".py") for s in sources), f"copies {args}"
+    users = [args for kind, args in steps if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    # the kernels are warmed as the runtime user, into the NUMBA_CACHE_DIR it can write
+    assert any(k == "ENV" and "NUMBA_CACHE_DIR=" in a for k, a in steps)
+    warm = [i for i, (k, a) in enumerate(steps) if k == "RUN" and "augmix_views" in a]
+    assert warm and warm[0] > kinds.index("USER")
+    snippet = re.search(r'python -c "(.*)"', steps[warm[0]][1])
+    assert snippet is not None
+    compile(snippet[1], "warm-up", "exec")
+
+    assert ("EXPOSE", str(PORT)) in steps
+    (healthcheck,) = [args for kind, args in steps if kind == "HEALTHCHECK"]
+    probe = yaml.safe_load(healthcheck.split("CMD", 1)[1])  # the exec form is a JSON list
+    assert probe == STATUS_PROBE
+    parse_cli(probe[1:])
+    (entrypoint,) = [yaml.safe_load(a) for k, a in steps if k == "ENTRYPOINT"]
+    assert entrypoint == ["augserver"]
+    (cmd,) = [yaml.safe_load(a) for k, a in steps if k == "CMD"]
+    assert parse_cli(cmd).config == "/config/augserver.yaml"
+    assert any(k == "VOLUME" and "/config" in a and "/data" in a for k, a in steps)
+
+
+def test_dockerignore_keeps_data_and_venv_out() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for name in (".git", ".venv", "data", "*.npz"):
+        assert name in ignored
+    for needed in ("augserver", "client", "pyproject.toml", "README.md"):
+        assert needed not in ignored
+
+
+# ---------------------------------------------------------------------------- Kubernetes
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    docs = [d for f in K8S_FILES for d in yaml.safe_load_all(f.read_text()) if d]
+    assert docs
+    return docs
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def test_k8s_manifests_validate(manifests: list[dict[str, Any]]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.utils.latest_version()
+    for doc in manifests:
+        assert "namespace" not in doc["metadata"], "manifests must be namespace-agnostic"
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_k8s_validation_can_fail() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+           "spec": {"ports": [{"port": "5555"}]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, kubernetes_validate.utils.latest_version(), True)
+
+
+def _pod(deployment: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return spec, container
+
+
+def _volume_mounts(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, dict]:
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+
+
+def test_k8s_dispatcher(manifests: list[dict[str, Any]]) -> None:
+    configmap = _one(manifests, "ConfigMap", "augserver-config")
+    dispatcher = _one(manifests, "Deployment", "augserver-dispatcher")
+    service = _one(manifests, "Service", "augserver")
+    assert dispatcher["spec"]["replicas"] == 1
+    spec, container = _pod(dispatcher)
+    args = parse_cli(container["args"])
+    assert args.command == "serve"
+    port = int(args.bind.rsplit(":", 1)[1])
+    (container_port,) = container["ports"]
+    assert container_port["containerPort"] == port
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == port
+    assert service_port["targetPort"] in (port, container_port["name"])
+    assert service["spec"]["selector"].items() <= dispatcher["spec"]["template"]["metadata"][
+        "labels"].items()
+
+    mounts = _volume_mounts(spec, container)
+    config_dir, config_name = args.config.rsplit("/", 1)
+    assert mounts[config_dir]["configMap"]["name"] == "augserver-config"
+    assert config_name in configmap["data"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command == STATUS_PROBE
+        parse_cli(command[1:])
+    assert container["resources"]["requests"]["cpu"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_configmap_and_dataset(manifests: list[dict[str, Any]], tmp_path: Path) -> None:
+    configmap = _one(manifests, "ConfigMap", "augserver-config")
+    job = tmp_path / "augserver.yaml"
+    job.write_text(configmap["data"]["augserver.yaml"])
+    config = load_config(job, check_paths=False)
+    for name in ("augserver-dispatcher", "augserver-worker"):
+        spec, container = _pod(_one(manifests, "Deployment", name))
+        data = [(m, v) for m, v in _volume_mounts(spec, container).items()
+                if under(config.dataset.path, m)]
+        assert data, f"{name}: dataset.path {config.dataset.path} lies under no volume"
+        ((_, volume),) = data
+        assert volume["persistentVolumeClaim"]["claimName"] == "augserver-data"
+        assert volume["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_k8s_workers_and_autoscaler(manifests: list[dict[str, Any]]) -> None:
+    worker = _one(manifests, "Deployment", "augserver-worker")
+    service = _one(manifests, "Service", "augserver")
+    spec, container = _pod(worker)
+    args = parse_cli(container["args"])
+    assert args.command == "worker"
+    assert args.connect == f"tcp://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    requests = container["resources"]["requests"]
+    assert requests["cpu"] and requests["memory"] and container["resources"]["limits"]
+    assert "livenessProbe" in container
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+    (hpa,) = [d for d in manifests if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", worker["metadata"]["name"])
+    assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu"
+               for m in hpa["spec"]["metrics"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_k8s_no_secrets_in_manifests(manifests: list[dict[str, Any]]) -> None:
+    assert not [d for d in manifests if d["kind"] == "Secret"]
+
+
+def test_trainer_image_and_compose_build_files(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if "build" in service:
+            assert (ROOT / service["build"]["dockerfile"]).is_file(), name
+    trainer = compose["services"].get("trainer")
+    if trainer is not None:
+        assert trainer.get("profiles"), "the example trainer must not start by default"
+    steps = _instructions(DEPLOY / "Dockerfile.trainer")
+    installs = " ".join(a for k, a in steps if k == "RUN" and "pip install" in a)
+    assert ".[client]" in installs and "torch" in installs.lower()
+    assert any(k == "USER" and a.split(":")[0] not in ("root", "0") for k, a in steps)
+    compile((DEPLOY / "trainer_example.py").read_text(), "trainer_example.py", "exec")

@@ -11,8 +11,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from augserver.config import JobConfig
+    from augserver.dispatcher import Dispatcher
+    from augserver.metrics import MetricsServer
+    from augserver.security import ClientKeys
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -91,7 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     try:
-        config = load_config(args.config, {"bind": args.bind, "workers": args.workers})
+        config = load_config(args.config, {"bind": args.bind, "workers": args.workers,
+                                           "metrics.bind": args.metrics,
+                                           **_security_overrides(args)})
         if config.workers and config.bind.startswith("inproc://"):
             raise ConfigError(f"{args.config}: bind: local workers cannot reach {config.bind}",
                               args.config, "bind")
@@ -99,18 +108,82 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError, OSError, ValueError) as exc:
         print(f"augserver serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        metrics = _metrics_server(dispatcher, config.metrics.bind)
+    except OSError as exc:
+        print(f"augserver serve: {exc}", file=sys.stderr)
+        dispatcher.close()
+        return 2
     stop = _stop_on_signals()
     supervisor = None
     try:
         if config.workers:
             supervisor = Supervisor(local_address(dispatcher.address), config.workers,
-                                    args.log_level)
+                                    args.log_level, _local_worker_keys(config))
             supervisor.start()
         dispatcher.serve(stop, supervisor)
     finally:
         if supervisor is not None:
             supervisor.stop()
+        if metrics is not None:
+            metrics.close()
         dispatcher.close()
+    return 0
+
+
+def _metrics_server(dispatcher: Dispatcher, bind: str | None) -> MetricsServer | None:
+    """The started Prometheus endpoint of ``dispatcher`` at ``bind`` (HOST:PORT), or None."""
+    if bind is None:
+        return None
+    from augserver.metrics import MetricsServer
+
+    server = MetricsServer(bind, dispatcher.start_snapshots()).start()
+    host, port = server.address
+    logging.getLogger("augserver.metrics").info("metrics on http://%s:%d/metrics", host, port)
+    return server
+
+
+def _security_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve --curve-key/--allow`` as config overrides (either one turns CURVE on)."""
+    on = args.curve_key is not None or args.allow is not None
+    return {"security.curve": True if on else None, "security.server_key": args.curve_key,
+            "security.allow_dir": args.allow}
+
+
+def _local_worker_keys(config: JobConfig) -> list[str]:
+    """Local workers' CURVE flags: the dispatcher's own key pair (always allowed); its secret
+    file also holds the public key, so it serves as ``--server-key`` too."""
+    key = config.security.server_key
+    if not config.security.curve or key is None:
+        return []
+    return ["--key", key, "--server-key", key]
+
+
+def _client_keys(args: argparse.Namespace, command: str) -> ClientKeys | None:
+    """``--key``/``--server-key`` loaded; exits with status 2 on a bad or half-given pair."""
+    from augserver.security import ClientKeys
+
+    try:
+        return ClientKeys.load(args.key, args.server_key)
+    except ValueError as exc:
+        print(f"augserver {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Generate a CURVE key pair and say where each file goes."""
+    from augserver.security import create_keys
+
+    try:
+        public, secret = create_keys(args.out, args.name)
+    except OSError as exc:  # FileExistsError included: never overwrite a key
+        print(f"augserver keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}\nsecret key: {secret}  (keep it private, mode 0600)\n"
+          "For the dispatcher: serve --curve-key SECRET --allow DIR; its public key goes to "
+          "every worker and client (--server-key / server_key=).\n"
+          "For a worker or client: --key SECRET (curve_key=); copy its public key into the "
+          "dispatcher's allow-list DIR.")
     return 0
 
 
@@ -119,12 +192,14 @@ def _worker(args: argparse.Namespace) -> int:
     from augserver.worker import EXIT_FATAL, run_worker
 
     _setup_logging(args.log_level)
+    keys = _client_keys(args, "worker")
     stop = _stop_on_signals()
     if args.procs == 1:
-        return run_worker(args.connect, stop=stop)
+        return run_worker(args.connect, stop=stop, keys=keys)
     from augserver.supervisor import Supervisor
 
-    supervisor = Supervisor(args.connect, args.procs, args.log_level)
+    extra = ["--key", args.key, "--server-key", args.server_key] if keys else []
+    supervisor = Supervisor(args.connect, args.procs, args.log_level, extra)
     supervisor.start()
     try:
         while not stop.wait(0.2):
@@ -143,7 +218,7 @@ def _status(args: argparse.Namespace) -> int:
     from augserver.status import StatusError, format_status, request_status
 
     try:
-        stats = request_status(args.connect, args.timeout)
+        stats = request_status(args.connect, args.timeout, _client_keys(args, "status"))
     except StatusError as exc:
         print(f"augserver status: {exc}", file=sys.stderr)
         return 1
@@ -170,19 +245,38 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", required=True, help="job file (YAML)")
     serve.add_argument("--bind", help="address to bind, e.g. tcp://0.0.0.0:5555 (overrides "
                                       "the config's bind)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (overrides "
+                            "the config's metrics.bind)")
     serve.add_argument("--workers", type=_non_negative_int,
                        help="local worker processes to start and supervise (overrides the "
                             "config's workers)")
+    serve.add_argument("--curve-key", metavar="SECRETFILE",
+                       help="turn CURVE on with this dispatcher secret key (NAME.key_secret; "
+                            "sets security.curve and security.server_key)")
+    serve.add_argument("--allow", metavar="DIR",
+                       help="CURVE allow-list: a directory of worker/client public keys "
+                            "(sets security.allow_dir)")
     serve.set_defaults(run=_serve)
     worker = commands.add_parser("worker", help="run worker processes for a dispatcher")
     worker.add_argument("--connect", required=True, help="dispatcher address, tcp://HOST:PORT")
     worker.add_argument("--procs", type=_positive_int, default=1, help="worker processes")
     worker.set_defaults(run=_worker)
+    keys = commands.add_parser("keys", help="generate a CURVE key pair")
+    keys.add_argument("--out", required=True, help="directory to write the key files to")
+    keys.add_argument("--name", default="augserver",
+                      help="file name stem: NAME.key (public), NAME.key_secret (secret)")
+    keys.set_defaults(run=_keys)
     status = commands.add_parser("status", help="show a dispatcher's workers and streams")
     status.add_argument("--connect", required=True, help="dispatcher address, tcp://HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     status.set_defaults(run=_status)
+    for command in (worker, status):
+        command.add_argument("--key", metavar="SECRETFILE",
+                             help="CURVE: this side's secret key file (NAME.key_secret)")
+        command.add_argument("--server-key", metavar="PUBLICFILE",
+                             help="CURVE: the dispatcher's public key file (NAME.key)")
     for command in (serve, worker):
         command.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
 

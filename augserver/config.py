@@ -32,6 +32,15 @@ The full file, every key at its default (only ``dataset`` is required)::
       worker_slots: 2                # tasks a worker may hold at once, >= 1
       max_prefetch_bytes: 1073741824 # cap on what the dispatcher holds or has in flight for
                                      # one client stream, in bytes
+    security:                 # CURVE encryption + authentication; turn on for traffic that
+      curve: false            # leaves a host (off: plain TCP, fine on loopback)
+      server_key: null        # the dispatcher's secret key file (NAME.key_secret from
+                              # `augserver keys`); required with curve
+      allow_dir: null         # folder of allowed worker/client public keys (*.key); required
+                              # with curve; the dispatcher's own key is always allowed
+    metrics:
+      bind: null              # HOST:PORT (e.g. 0.0.0.0:9100) to serve Prometheus metrics at
+                              # http://HOST:PORT/metrics; null: no metrics endpoint
 
 Every mistake raises :class:`ConfigError` naming the file and the dotted key, for example
 ``config.yaml: augmix.severity: must be in 1..10, got 12``. Types are strict: ``"64"`` is not
@@ -63,6 +72,7 @@ ERROR_POLICIES = ("skip", "fail")
 DEFAULT_BIND = "tcp://0.0.0.0:5555"
 _MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
 _BIND = re.compile(r"tcp://\S+:\S+|(ipc|inproc)://\S+")
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^\s:\[\]]+):(\d{1,5})")
 
 
 class ConfigError(ValueError):
@@ -106,6 +116,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Security:
+    """CURVE for the dispatcher: its secret key file and the allow-list folder (paths)."""
+
+    curve: bool = False
+    server_key: str | None = None
+    allow_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: ``bind`` is ``HOST:PORT``, or None for none."""
+
+    bind: str | None = None
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A validated job: build it with :func:`load_config` or :func:`config_from_dict`."""
 
@@ -120,6 +146,8 @@ class JobConfig:
     bind: str = DEFAULT_BIND
     workers: int = 0
     limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def views(self) -> int:
@@ -155,13 +183,17 @@ _SECTIONS = {
     "dataset": tuple(f.name for f in fields(DatasetConfig)),
     "augmix": tuple(f.name for f in fields(AugMixConfig)),
     "limits": tuple(f.name for f in fields(Limits)),
+    "security": tuple(f.name for f in fields(Security)),
+    "metrics": tuple(f.name for f in fields(MetricsConfig)),
 }
 _TOP_KEYS = tuple(f.name for f in fields(JobConfig))
 KEYS = _TOP_KEYS + tuple(f"{s}.{k}" for s, names in _SECTIONS.items() for k in names)
 _DEFAULTS: dict[str, Any] = {
     **{f.name: f.default for f in fields(JobConfig) if f.default is not MISSING},
     **{f"limits.{f.name}": f.default for f in fields(Limits)},
+    **{f"security.{f.name}": f.default for f in fields(Security)},
     "dataset.train": True,
+    "metrics.bind": None,
 }
 
 
@@ -257,6 +289,45 @@ def _dataset(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) -> 
     return DatasetConfig(fmt, path, r.flag(data, "dataset.train"))
 
 
+def _key_path(r: _Reader, data: Mapping[str, Any], key: str, check_paths: bool,
+              base_dir: str | None, want_dir: bool) -> str | None:
+    """An optional path (relative to ``base_dir``); it must exist when ``check_paths``."""
+    path = data.get(key.rpartition(".")[2])
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        r.fail(key, f"must be a non-empty string (a path), got {path!r}")
+    path = os.path.expanduser(path)
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(base_dir, path))
+    if check_paths and not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+        r.fail(key, f"{path} is not {'a directory' if want_dir else 'a file'}")
+    return path
+
+
+def _security(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) -> Security:
+    data = r.section(data, "security")
+    curve = r.flag(data, "security.curve")
+    server_key = _key_path(r, data, "security.server_key", check_paths, base_dir, False)
+    allow_dir = _key_path(r, data, "security.allow_dir", check_paths, base_dir, True)
+    if curve and server_key is None:
+        r.fail("security.server_key", "required with curve: true (the dispatcher's secret "
+               "key file, NAME.key_secret from `augserver keys`)")
+    if curve and allow_dir is None:
+        r.fail("security.allow_dir", "required with curve: true (a directory of allowed "
+               "worker and client public keys)")
+    return Security(curve, server_key, allow_dir)
+
+
+def _metrics(r: _Reader, data: Any) -> MetricsConfig:
+    bind = r.section(data, "metrics").get("bind")
+    if bind is not None and not (
+        isinstance(bind, str) and (m := _HOST_PORT.fullmatch(bind)) and int(m[2]) <= 65535
+    ):
+        r.fail("metrics.bind", f"must be HOST:PORT like 0.0.0.0:9100, or null, got {bind!r}")
+    return MetricsConfig(bind)
+
+
 def _augmix(r: _Reader, data: Any, preprocess: str) -> AugMixConfig:
     params = r.section(data, "augmix")
     params.setdefault("severity", DEFAULT_SEVERITY[preprocess])
@@ -323,6 +394,8 @@ def config_from_dict(
             worker_slots=r.integer(limits, "limits.worker_slots", 1),
             max_prefetch_bytes=r.integer(limits, "limits.max_prefetch_bytes", 1),
         ),
+        security=_security(r, data.get("security"), check_paths, base_dir),
+        metrics=_metrics(r, data.get("metrics")),
     )
 
 
@@ -371,6 +444,9 @@ def load_config(
     base_dir = os.path.dirname(os.path.abspath(source))
     if any(overrides.get(k) is not None for k in ("dataset", "dataset.path")):
         base_dir = os.getcwd()
+    for key in ("security.server_key", "security.allow_dir"):  # flags: relative to here
+        if isinstance(overrides.get(key), str | os.PathLike):
+            overrides[key] = os.path.abspath(os.path.expanduser(overrides[key]))
     data = _apply_overrides(source, data, overrides)
     try:
         return config_from_dict(data, source, check_paths, base_dir=base_dir)

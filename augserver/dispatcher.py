@@ -36,11 +36,13 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-from augserver import protocol
+from augserver import protocol, security
 from augserver.config import ConfigError, JobConfig
 from augserver.datasets import open_dataset
 from augserver.plan import ShardPlan
+from augserver.scaling import StreamMeter, estimate
 
 log = logging.getLogger("augserver.dispatcher")
 
@@ -85,6 +87,7 @@ class Stream:
     in_flight: dict[int, int] = field(default_factory=dict)  # position -> task id
     delivered: set[int] = field(default_factory=set)
     alive: bool = True
+    meter: StreamMeter = field(default_factory=StreamMeter)  # consumption and data-wait
 
     def can_take(self) -> bool:
         return bool(self.pending) and len(self.in_flight) < self.credits
@@ -143,6 +146,7 @@ class Dispatcher:
         )
         self.failures: deque[list[Any]] = deque(maxlen=RECENT_FAILURES)
         self.started = time.monotonic()
+        self.snapshot: dict[str, Any] | None = None  # see start_snapshots()
         self.context = zmq.Context()
         self.sock = self._bind(config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -161,17 +165,37 @@ class Dispatcher:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        self.auth: ThreadAuthenticator | None = None
         try:
+            self.auth = self._secure(sock)
             sock.bind(address)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ValueError) as exc:
             sock.close()
+            if self.auth is not None:
+                self.auth.stop()
             self.context.term()
+            if isinstance(exc, ValueError):
+                raise
             raise OSError(f"cannot bind {address}: {exc}") from None
         return sock
 
+    def _secure(self, sock: zmq.Socket) -> ThreadAuthenticator | None:
+        """With ``security.curve``: make ``sock`` a CURVE server behind a ZAP allow-list."""
+        sec = self.config.security
+        if not sec.curve:
+            return None
+        if not security.has_curve():
+            raise ValueError("security.curve: this libzmq has no CURVE support")
+        assert sec.server_key is not None and sec.allow_dir is not None  # config checked
+        auth = security.start_server(self.context, sock, sec.server_key, sec.allow_dir)
+        log.info("CURVE on: allowing the keys in %s and the dispatcher's own", sec.allow_dir)
+        return auth
+
     def close(self) -> None:
-        """Release the socket (pending outgoing messages are dropped)."""
+        """Release the socket (pending outgoing messages are dropped) and the authenticator."""
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.context.term()
 
     # ------------------------------------------------------------------ the loop
@@ -264,6 +288,8 @@ class Dispatcher:
                             peer.name, silence, len(peer.streams))
                 self._forget(peer.ident)
         self._schedule()
+        if self.snapshot is not None:
+            self.snapshot = self.stats()  # one assignment: readers see the old or the new
 
     # ------------------------------------------------------------------ peers
 
@@ -431,6 +457,7 @@ class Dispatcher:
                         min(message["credits"], cap), cap, pending, len(pending))
         client.streams[sid] = stream
         self.streams[(client.ident, sid)] = stream
+        stream.meter.credits(time.monotonic(), stream.credits)
         log.info("client %s opened stream %s: epoch %d, rank %d/%d, %d of %d batches to send",
                  client.name, sid, plan.epoch, plan.rank, plan.world_size, len(pending),
                  num_batches)
@@ -439,6 +466,7 @@ class Dispatcher:
         stream = client.streams.get(message["stream"])
         if stream is not None:  # else: ended already, a grant still on its way
             stream.credits = min(stream.credits + message["n"], stream.cap)
+            stream.meter.credits(time.monotonic(), stream.credits)
 
     def _close(self, client: Peer, message: protocol.Message) -> None:
         stream = client.streams.get(message["stream"])
@@ -453,6 +481,7 @@ class Dispatcher:
         frames = protocol.encode("batch", result.arrays, stream=stream.id,
                                  position=task.position, failed=result["failed"])
         stream.credits -= 1
+        stream.meter.delivered(time.monotonic(), len(result.arrays[2]), stream.credits)
         stream.delivered.add(task.position)
         stream.remaining -= 1
         if self._send(stream.client, frames) and stream.remaining == 0:
@@ -522,21 +551,32 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ status
 
+    def start_snapshots(self) -> Callable[[], dict[str, Any] | None]:
+        """Have the loop refresh :attr:`snapshot` (a new :meth:`stats` dict) on every
+        housekeeping pass; call before :meth:`serve`. Returns a reader any thread may call."""
+        self.snapshot = self.stats()
+        return lambda: self.snapshot
+
     def stats(self) -> dict[str, Any]:
-        """Everything ``augserver status`` shows (msgpack- and JSON-safe)."""
+        """Everything ``augserver status`` shows (msgpack- and JSON-safe); ``scaling`` is
+        :func:`augserver.scaling.estimate` and each stream has its consumption and data-wait."""
         now = time.monotonic()
         peers = list(self.peers.values())
+        workers = [self._worker_stats(p, now) for p in peers if p.role == "worker"]
+        clients = [
+            {"name": p.name, "last_seen_s_ago": round(now - p.last_seen, 3),
+             "streams": [_stream_stats(s, now) for s in p.streams.values()]}
+            for p in peers if p.role == "client"
+        ]
         return {
             "uptime_s": round(now - self.started, 3),
             "address": self.address,
             "dataset_len": self.dataset_len,
             "config": self._summary(),
-            "workers": [self._worker_stats(p, now) for p in peers if p.role == "worker"],
-            "clients": [
-                {"name": p.name, "last_seen_s_ago": round(now - p.last_seen, 3),
-                 "streams": [_stream_stats(s) for s in p.streams.values()]}
-                for p in peers if p.role == "client"
-            ],
+            "workers": workers,
+            "clients": clients,
+            "scaling": estimate([w["samples_per_s"] for w in workers],
+                                [s for c in clients for s in c["streams"]]),
             "counters": dict(self.counters),
             "recent_failures": [
                 {"index": i, "path": path, "error": error} for i, path, error in self.failures
@@ -566,14 +606,14 @@ class Dispatcher:
         }
 
 
-def _stream_stats(stream: Stream) -> dict[str, Any]:
+def _stream_stats(stream: Stream, now: float) -> dict[str, Any]:
     plan = stream.plan
     return {
         "stream": stream.id, "epoch": plan.epoch, "rank": plan.rank,
         "world_size": plan.world_size, "ordered": stream.ordered,
         "num_batches": plan.num_batches, "delivered": len(stream.delivered),
         "credits": stream.credits, "in_flight": len(stream.in_flight),
-        "pending": len(stream.pending),
+        "pending": len(stream.pending), **stream.meter.stats(now),
     }
 
 

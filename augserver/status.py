@@ -8,22 +8,27 @@ from typing import Any
 import zmq
 
 from augserver import protocol
+from augserver.security import ClientKeys
 
 
 class StatusError(RuntimeError):
     """No usable answer from the dispatcher (the message says why)."""
 
 
-def request_status(connect: str, timeout: float = 5.0) -> dict[str, Any]:
+def request_status(
+    connect: str, timeout: float = 5.0, keys: ClientKeys | None = None
+) -> dict[str, Any]:
     """The dispatcher's ``stats`` (see :meth:`augserver.dispatcher.Dispatcher.stats`).
 
-    Raises :class:`StatusError` when nothing answers at ``connect`` within ``timeout`` seconds
-    or the answer is not a status.
+    ``keys``: CURVE keys for a dispatcher with CURVE on. Raises :class:`StatusError` when
+    nothing answers at ``connect`` within ``timeout`` seconds or the answer is not a status.
     """
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)
+    if keys is not None:
+        keys.apply(sock)
     try:
         sock.connect(connect)
         deadline = time.monotonic() + timeout
@@ -32,7 +37,10 @@ def request_status(connect: str, timeout: float = 5.0) -> dict[str, Any]:
             name="status",
         )
         if not sock.poll(_ms_left(deadline), zmq.POLLOUT):
-            raise StatusError(f"no dispatcher reachable at {connect} within {timeout:g} s")
+            hint = ("is it up? CURVE keys refused? check --key, --server-key, the allow-list"
+                    if keys is not None else "is it up? with CURVE on: --key, --server-key")
+            raise StatusError(f"no dispatcher reachable at {connect} within {timeout:g} s "
+                              f"({hint})")
         sock.send_multipart(hello)
         while sock.poll(_ms_left(deadline), zmq.POLLIN):
             try:
@@ -77,11 +85,16 @@ def format_status(stats: dict[str, Any]) -> str:
     lines += ["", f"clients: {len(stats.get('clients', []))}  streams: {len(streams)}"]
     if streams:
         lines += _table(
-            ["client", "stream", "epoch", "rank", "delivered", "credits", "in_flight", "pending"],
+            ["client", "stream", "epoch", "rank", "delivered", "credits", "in_flight", "pending",
+             "batches/s", "samples/s", "data_wait"],
             [[name, s["stream"][:12], s["epoch"], f"{s['rank']}/{s['world_size']}",
               f"{s['delivered']}/{s['num_batches']}", s["credits"], s["in_flight"],
-              s["pending"]] for name, s in streams],
+              s["pending"], f"{s.get('batches_per_s', 0):.2f}",
+              f"{s.get('samples_per_s', 0):.1f}", f"{s.get('data_wait', 0):.0%}"]
+             for name, s in streams],
         )
+    if "scaling" in stats:
+        lines += ["", _scaling_line(stats["scaling"])]
     counters = stats.get("counters", {})
     lines += ["", "counters: " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()))]
     failures = stats.get("recent_failures", [])
@@ -89,6 +102,17 @@ def format_status(stats: dict[str, Any]) -> str:
         lines += ["", f"recent failed samples ({len(failures)}, newest last):"]
         lines += [f"  {f['index']}  {f['path']}: {f['error']}" for f in failures[-10:]]
     return "\n".join(lines)
+
+
+def _scaling_line(scaling: dict[str, Any]) -> str:
+    """One line: consumption, worst data-wait and workers needed (see augserver.scaling)."""
+    return (
+        f"scaling: consumption {scaling['consumption_samples_per_s']:.1f} samples/s  "
+        f"demand {scaling['demand_samples_per_s']:.1f}  "
+        f"per worker {scaling['worker_samples_per_s']:.1f}  "
+        f"data_wait {scaling['data_wait']:.0%} (threshold {scaling['wait_threshold']:.0%})  "
+        f"workers {scaling['workers']}  workers_needed {scaling['workers_needed']}"
+    )
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from augserver.worker import EXIT_FATAL
@@ -43,10 +44,13 @@ class Slot:
 class Supervisor:
     """Keeps ``count`` local workers connected to ``connect`` alive until :meth:`stop`."""
 
-    def __init__(self, connect: str, count: int, log_level: str = "INFO") -> None:
+    def __init__(
+        self, connect: str, count: int, log_level: str = "INFO", extra: Sequence[str] = ()
+    ) -> None:
+        """``extra``: more ``augserver worker`` arguments (``--key``, ``--server-key``)."""
         self.connect = connect
         self.command = [sys.executable, "-m", "augserver", "worker", "--connect", connect,
-                        "--log-level", log_level]
+                        "--log-level", log_level, *extra]
         self.slots = [Slot(i) for i in range(count)]
         self.stopped = False
 

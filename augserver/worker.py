@@ -37,6 +37,7 @@ from augserver import protocol
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
 from augserver.config import ConfigError, JobConfig, config_from_dict
 from augserver.datasets import Dataset, DatasetError, open_dataset
+from augserver.security import ClientKeys
 from augserver.transforms import preprocess
 
 log = logging.getLogger("augserver.worker")
@@ -146,10 +147,13 @@ def warm_up() -> None:
 class Worker:
     """One connection's worth of worker state; :func:`run_worker` drives it."""
 
-    def __init__(self, connect: str, name: str, stop: threading.Event) -> None:
+    def __init__(
+        self, connect: str, name: str, stop: threading.Event, keys: ClientKeys | None = None
+    ) -> None:
         self.connect = connect
         self.name = name
         self.stop = stop
+        self.keys = keys
         self.context = zmq.Context()
         self.sock: zmq.Socket | None = None
         self.job: Job | None = None
@@ -187,6 +191,8 @@ class Worker:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.connect)
         self.sock = sock
         return sock
@@ -202,8 +208,13 @@ class Worker:
             versions=protocol.pixel_versions(),
             name=self.name,
         )
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         while not sock.poll(_POLL_MS, zmq.POLLOUT):  # IMMEDIATE: writable once connected
             if self.stop.is_set():
+                return False
+            if time.monotonic() >= deadline:
+                log.warning("worker %s: no connection to %s within %.0f s (%s); retrying",
+                            self.name, self.connect, HANDSHAKE_TIMEOUT, self._auth_hint())
                 return False
         sock.send_multipart(hello)
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -220,6 +231,13 @@ class Worker:
         if not self.stop.is_set():
             log.warning("worker %s: no welcome from %s, retrying", self.name, self.connect)
         return False
+
+    def _auth_hint(self) -> str:
+        """Why a connection may never come up: the dispatcher is down, or CURVE said no."""
+        if self.keys is None:
+            return ("dispatcher not up, or it requires CURVE keys: pass --key and --server-key")
+        return ("dispatcher not up, or CURVE authentication failed: check --key, --server-key "
+                "and that this worker's public key is in the dispatcher's allow-list")
 
     def _welcome(self, message: protocol.Message) -> None:
         """Build the job from the welcome's config (reusing the dataset when unchanged)."""
@@ -322,12 +340,16 @@ class Worker:
 
 
 def run_worker(
-    connect: str, name: str | None = None, stop: threading.Event | None = None
+    connect: str,
+    name: str | None = None,
+    stop: threading.Event | None = None,
+    keys: ClientKeys | None = None,
 ) -> int:
     """Run a worker against the dispatcher at ``connect`` until ``stop`` is set.
 
+    ``keys``: CURVE keys (see :mod:`augserver.security`) for a dispatcher with CURVE on.
     Returns the exit status: 0 when stopped, :data:`EXIT_FATAL` when refused by the dispatcher
     or unable to use its job (logged with the reason).
     """
-    worker = Worker(connect, name or worker_name(), stop or threading.Event())
+    worker = Worker(connect, name or worker_name(), stop or threading.Event(), keys)
     return worker.run()

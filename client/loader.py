@@ -27,6 +27,7 @@ import zmq
 from augserver import protocol
 from augserver.config import JobConfig, config_from_dict
 from augserver.plan import ShardPlan, from_ranges, to_ranges
+from augserver.security import ClientKeys, KeySource
 
 log = logging.getLogger("augserver.client")
 
@@ -82,6 +83,8 @@ class RemoteAugMixLoader:
     ``normalize`` converts to float and normalises with the job's mean/std (or ``mean``/
     ``std``) on ``device``; ``normalize=False`` yields uint8 NCHW tensors. ``timeout`` is how
     long the loader waits without progress (no dispatcher, no batch) before raising.
+    ``curve_key`` (this client's secret key file, or Z85 bytes) and ``server_key`` (the
+    dispatcher's public key file, or Z85 bytes) connect to a dispatcher with CURVE on.
     """
 
     def __init__(
@@ -99,6 +102,8 @@ class RemoteAugMixLoader:
         channels_last: bool = False,
         timeout: float = 600.0,
         liveness: float = 5.0,
+        curve_key: KeySource | None = None,
+        server_key: KeySource | None = None,
     ) -> None:
         if rank is None or world_size is None:
             dist_rank, dist_world = _distributed_rank()
@@ -119,6 +124,7 @@ class RemoteAugMixLoader:
         self.channels_last = channels_last
         self.timeout = timeout
         self.liveness = liveness
+        self._keys = ClientKeys.load(curve_key, server_key)
         self._mean_override = mean
         self._std_override = std
         self._consumed: set[int] = set()
@@ -263,9 +269,9 @@ class RemoteAugMixLoader:
         if self._job is not None:
             return
         context = zmq.Context.instance()
-        sock = _dealer(context, self.address)
+        sock = _dealer(context, self.address, self._keys)
         try:
-            welcome = _handshake(sock, self.timeout, self.address)
+            welcome = _handshake(sock, self.timeout, self.address, self._keys is not None)
         finally:
             sock.close(linger=0)
         self._accept_welcome(welcome)
@@ -346,9 +352,11 @@ class _Stream:
     def _session(self) -> bool:
         """One connection to the dispatcher; True when the stream finished or was stopped."""
         loader = self.loader
-        sock = _dealer(self._context, loader.address)
+        sock = _dealer(self._context, loader.address, loader._keys)
         try:
-            loader._accept_welcome(_handshake(sock, self._time_left(), loader.address))
+            loader._accept_welcome(
+                _handshake(sock, self._time_left(), loader.address, loader._keys is not None)
+            )
             queued = len(self.received) - len(loader._consumed)
             credits = max(0, loader.prefetch - queued)
             sock.send_multipart(
@@ -466,30 +474,36 @@ class _Stream:
         return self.loader.timeout - (time.monotonic() - self._progress)
 
 
-def _dealer(context: zmq.Context, address: str) -> zmq.Socket:
+def _dealer(context: zmq.Context, address: str, keys: ClientKeys | None = None) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    if keys is not None:
+        keys.apply(sock)
     sock.connect(address)
     return sock
 
 
-def _handshake(sock: zmq.Socket, timeout: float, address: str) -> protocol.Message:
+def _handshake(
+    sock: zmq.Socket, timeout: float, address: str, curve: bool = False
+) -> protocol.Message:
     """hello -> welcome; waits for a dispatcher that is not up yet, up to ``timeout``."""
-    sock.send_multipart(
-        protocol.encode(
-            "hello",
-            role="client",
-            protocol=protocol.PROTOCOL_VERSION,
-            versions=protocol.pixel_versions(),
-            name=f"{socket.gethostname()}:{threading.get_native_id()}",
-        )
-    )
     deadline = time.monotonic() + timeout
+    hello = protocol.encode(
+        "hello",
+        role="client",
+        protocol=protocol.PROTOCOL_VERSION,
+        versions=protocol.pixel_versions(),
+        name=f"{socket.gethostname()}:{threading.get_native_id()}",
+    )
+    # Never a blocking send: a connection refused by CURVE can leave the socket no pipe.
+    if not sock.poll(int(max(0.0, timeout) * 1000), zmq.POLLOUT):
+        raise TimeoutError(_no_answer(address, timeout, curve))
+    sock.send_multipart(hello, flags=zmq.NOBLOCK)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no augserver dispatcher answered at {address} in {timeout:.0f} s")
+            raise TimeoutError(_no_answer(address, timeout, curve))
         if not sock.poll(timeout=int(min(left, 1.0) * 1000)):
             continue
         try:
@@ -500,6 +514,18 @@ def _handshake(sock: zmq.Socket, timeout: float, address: str) -> protocol.Messa
             return message
         if message.type == "refused":
             raise RemoteError(f"dispatcher at {address} refused this client: {message['reason']}")
+
+
+def _no_answer(address: str, timeout: float, curve: bool) -> str:
+    """The handshake timeout's message: the dispatcher is down, or CURVE keys do not match."""
+    if curve:
+        hint = ("if it is up, CURVE authentication failed: check curve_key, server_key (the "
+                "dispatcher's public key) and that this client's public key is in the "
+                "dispatcher's allow-list")
+    else:
+        hint = ("if it is up, it may require CURVE: pass curve_key (this client's secret key) "
+                "and server_key (the dispatcher's public key)")
+    return f"no augserver dispatcher answered at {address} in {timeout:g} s ({hint})"
 
 
 def _send_quietly(sock: zmq.Socket, frames: list[Any]) -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 from augserver import protocol
 from augserver.config import JobConfig, load_config
 from augserver.dispatcher import Dispatcher
+from augserver.security import ClientKeys
 from augserver.status import request_status
 from augserver.worker import run_worker
 
@@ -197,10 +198,12 @@ class Batch:
 class RawClient:
     """A DEALER that speaks :mod:`augserver.protocol` frame by frame (or breaks it)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, keys: ClientKeys | None = None) -> None:
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.connect(address)
         self.stash: deque[protocol.Message] = deque()  # batches and ends expect() passed over
 

@@ -1,0 +1,147 @@
+"""Prometheus metrics: the dispatcher's stats as text exposition on ``http://HOST:PORT/metrics``.
+
+The dispatcher's loop is single-threaded and owns its state. It refreshes a snapshot (a new
+dict, swapped in by one assignment) on every housekeeping pass; the HTTP server runs in a
+daemon thread and only ever reads the latest snapshot, so a scrape never touches live state.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BIND = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^\s:\[\]]+):(\d{1,5})")
+
+# stats counter key, help text
+_COUNTERS = (
+    ("tasks_reissued", "Tasks re-issued after a worker died or returned a bad result."),
+    ("duplicates_dropped", "Stale or duplicate results dropped."),
+    ("samples_failed", "Samples that could not be read or decoded."),
+    ("malformed_messages", "Malformed messages received."),
+)
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::]:9100`` for IPv6) as ``(host, port)``; ValueError if not one."""
+    match = _BIND.fullmatch(text)
+    if match is None or int(match[2]) > 65535:
+        raise ValueError(f"must be HOST:PORT like 0.0.0.0:9100, got {text!r}")
+    return match[1].strip("[]"), int(match[2])
+
+
+def escape(value: object) -> str:
+    """A label value escaped for the text format (backslash, double quote, newline)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+_Samples = list[tuple[dict[str, Any], float]]
+
+
+def _family(name: str, kind: str, text: str, samples: _Samples) -> list[str]:
+    lines = [f"# HELP augserver_{name} {text}", f"# TYPE augserver_{name} {kind}"]
+    for labels, value in samples:
+        tags = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
+        lines.append(f"augserver_{name}{{{tags}}} {_number(value)}" if tags
+                     else f"augserver_{name} {_number(value)}")
+    return lines
+
+
+def render(stats: dict[str, Any]) -> str:
+    """``stats`` (:meth:`augserver.dispatcher.Dispatcher.stats`) in the text exposition format."""
+    workers = stats.get("workers", [])
+    streams = [(c["name"], s) for c in stats.get("clients", []) for s in c["streams"]]
+    scaling = stats.get("scaling", {})
+    counters = stats.get("counters", {})
+    lines = _family("up", "gauge", "1 while the dispatcher serves.", [({}, 1)])
+    lines += _family("uptime_seconds", "gauge", "Seconds since the dispatcher started.",
+                     [({}, float(stats.get("uptime_s", 0.0)))])
+    lines += _family("workers", "gauge", "Workers connected.", [({}, len(workers))])
+    lines += _family("worker_samples_per_second", "gauge",
+                     "Samples a worker made per second over the recent window.",
+                     [({"worker": w["name"]}, float(w["samples_per_s"])) for w in workers])
+    lines += _family("streams", "gauge", "Client streams open.", [({}, len(streams))])
+    for key, name, text in (
+        ("samples_per_s", "stream_samples_per_second", "Samples a stream received per second."),
+        ("batches_per_s", "stream_batches_per_second", "Batches a stream received per second."),
+        ("data_wait", "stream_data_wait_ratio",
+         "Fraction of recent time the stream's client had room for every batch it asked for "
+         "and none had arrived (its trainer waited on workers)."),
+    ):
+        lines += _family(name, "gauge", text, [
+            ({"client": client, "stream": s["stream"]}, float(s.get(key, 0.0)))
+            for client, s in streams
+        ])
+    lines += _family("data_wait_ratio", "gauge", "Largest data-wait ratio of any stream.",
+                     [({}, float(scaling.get("data_wait", 0.0)))])
+    lines += _family("consumption_samples_per_second", "gauge",
+                     "Samples per second all streams received.",
+                     [({}, float(scaling.get("consumption_samples_per_s", 0.0)))])
+    lines += _family("workers_needed", "gauge",
+                     "Workers estimated to keep every trainer fed (the current count unless "
+                     "data-wait is above the threshold).",
+                     [({}, int(scaling.get("workers_needed", len(workers))))])
+    for key, text in _COUNTERS:
+        lines += _family(f"{key}_total", "counter", text, [({}, int(counters.get(key, 0)))])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """Serves ``render(snapshot())`` at ``/metrics`` from a daemon thread.
+
+    ``snapshot`` must be safe to call from another thread (it returns the latest stats dict
+    or None before the first one). ``address`` is ``(host, port)`` as bound (port 0 picks one).
+    """
+
+    def __init__(self, bind: str, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+        host, port = parse_bind(bind)
+        handler = type("Handler", (_Handler,), {"snapshot": staticmethod(snapshot)})
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {bind}: {exc.strerror or exc}") from None
+        self.server.daemon_threads = True
+        self.address: tuple[str, int] = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="augserver-metrics",
+                                       daemon=True)
+
+    def start(self) -> MetricsServer:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    snapshot: Callable[[], dict[str, Any] | None]
+
+    def do_GET(self) -> None:  # http.server's name
+        if self.path.split("?", 1)[0] != "/metrics":
+            self._reply(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
+            return
+        stats = self.snapshot()
+        if stats is None:
+            self._reply(503, "text/plain; charset=utf-8", b"no statistics yet\n")
+            return
+        self._reply(200, CONTENT_TYPE, render(stats).encode())
+
+    def _reply(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""

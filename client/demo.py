@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
              "--bind", address, "--workers", str(args.workers), "--log-level", "WARNING"]
         )  # fmt: skip
         try:
-            return train(address, args.steps)
+            return run_demo(address, args.steps)
         finally:
             server.terminate()
             try:
@@ -87,15 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait()
 
 
-def train(address: str, steps: int) -> int:
-    """Train the small CNN for ``steps`` steps on batches from ``address``."""
-    loader = RemoteAugMixLoader(address, prefetch=6, timeout=120)
-    model = small_cnn(10)
+def train(loader: RemoteAugMixLoader, model: nn.Module, steps: int) -> list[float]:
+    """Train ``model`` for ``steps`` steps on ``loader`` with the JSD loss (SGD, nesterov);
+    print samples/s and the loss every 10 steps; return every step's loss."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    print(
-        f"augserver demo: digits 32x32, {len(loader)} batches/epoch of "
-        f"{loader.config.batch_size}, JSD on, server at {address}"
-    )
     step = epoch = samples = 0
     start = window_start = time.perf_counter()
     losses: list[float] = []
@@ -115,14 +110,26 @@ def train(address: str, steps: int) -> int:
                 print(
                     f"step {step:4d}  epoch {epoch}  loss {np.mean(losses[-10:]):.3f}  "
                     f"{samples / (time.perf_counter() - start):7.1f} samples/s "
-                    f"(last 10 steps {elapsed:.2f} s)"
+                    f"(last 10 steps {elapsed:.2f} s)",
+                    flush=True,
                 )
                 window_start = time.perf_counter()
             if step >= steps:
                 break
         epoch += 1
+    return losses
+
+
+def run_demo(address: str, steps: int) -> int:
+    """The demo's training run against ``address``; 0 when the loss fell."""
+    loader = RemoteAugMixLoader(address, prefetch=6, timeout=120)
+    print(
+        f"augserver demo: digits 32x32, {len(loader)} batches/epoch of "
+        f"{loader.config.batch_size}, JSD on, server at {address}"
+    )
+    losses = train(loader, small_cnn(10), steps)
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    print(f"loss {first:.3f} -> {last:.3f} over {step} steps; {samples} samples")
+    print(f"loss {first:.3f} -> {last:.3f} over {len(losses)} steps")
     return 0 if last < first else 1
 
 

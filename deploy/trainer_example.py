@@ -4,18 +4,19 @@ JSD loss on whatever job the dispatcher serves (deploy/augserver.yaml: ImageNet-
     python deploy/trainer_example.py --connect tcp://DISPATCHER:5555 [--steps 100]
         [--classes 1000] [--device cuda]
 
-It only shows the wiring (RemoteAugMixLoader -> model -> jsd_loss); bring your own model.
+It only shows the wiring (RemoteAugMixLoader -> model -> jsd_loss, the same loop as the README
+demo, ``client.demo.train``); bring your own model.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
-from client import RemoteAugMixLoader, jsd_loss, split_views
+from client import RemoteAugMixLoader
+from client.demo import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,26 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, args.classes),
     ).to(args.device)  # fmt: skip
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = RemoteAugMixLoader(args.connect, device=args.device)
-    start, samples, step, epoch = time.perf_counter(), 0, 0, 0
-    while step < args.steps:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            logits = model(batch.concat())
-            loss = jsd_loss(*split_views(logits), batch.target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            samples += len(batch.target)
-            step += 1
-            if step % 10 == 0 or step == args.steps:
-                rate = samples / (time.perf_counter() - start)
-                print(f"epoch {epoch} step {step}: loss {loss.item():.3f}, {rate:.0f} samples/s",
-                      flush=True)
-            if step == args.steps:
-                break
-        epoch += 1
+    train(loader, model, args.steps)
     return 0
 
 

@@ -1,0 +1,17 @@
+"""The README's main command (``python -m client.demo``) end to end, shortened."""
+
+from __future__ import annotations
+
+import re
+
+from client import demo
+
+
+def test_demo_trains_through_the_service_and_stops_everything(capsys):
+    status = demo.main(["--steps", "12", "--workers", "1", "--batch-size", "32"])
+    out = capsys.readouterr().out
+    assert status in (0, 1)  # 0 when the loss fell over the run
+    assert "batches/epoch of 32" in out
+    rates = [float(r) for r in re.findall(r"([\d.]+) samples/s", out)]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert re.search(r"loss [\d.]+ -> [\d.]+ over 12 steps", out)

@@ -1,5 +1,6 @@
-"""Static checks of the deployment files (no Docker engine or cluster needed): docker-compose.yml,
-deploy/Dockerfile*, deploy/augserver.yaml and the Kubernetes manifests in deploy/k8s/.
+"""Static checks of the deployment files (no Docker engine or cluster needed): docker-compose.yml
+and its CURVE override deploy/compose.curve.yml, deploy/Dockerfile*, deploy/augserver.yaml, the
+Kubernetes manifests in deploy/k8s/ and the CURVE overlay deploy/k8s/examples/curve/.
 
 Every command line the files give to ``augserver`` is parsed with the real CLI parser, the
 job files load with the real config loader, and the manifests validate against the
@@ -24,11 +25,17 @@ from augserver.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CURVE = DEPLOY / "compose.curve.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 EXAMPLE_CONFIG = DEPLOY / "augserver.yaml"
 K8S = DEPLOY / "k8s"
-K8S_FILES = sorted(K8S.rglob("*.yaml"))
+# the base (what deploy/k8s/kustomization.yaml lists) and the stand-alone examples; not the
+# kustomizations and their patches, which are not Kubernetes objects
+K8S_BASE = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+K8S_FILES = K8S_BASE + sorted((K8S / "examples").glob("*.yaml"))
+CURVE_OVERLAY = K8S / "examples" / "curve"
 PORT = 5555
+METRICS_PORT = 9100
 STATUS_PROBE = ["augserver", "status", "--connect", f"tcp://127.0.0.1:{PORT}", "--timeout", "3"]
 _ENV_DEFAULT = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -124,8 +131,11 @@ def test_compose_dispatcher(compose: dict[str, Any]) -> None:
     assert args.command == "serve"
     assert args.bind == f"tcp://0.0.0.0:{PORT}"
     assert args.workers == 2  # ${AUGSERVER_WORKERS:-2}
+    assert args.metrics == f"0.0.0.0:{METRICS_PORT}"
     published = [expand(str(p)) for p in service["ports"]]
     assert any(p.split(":")[-1].split("/")[0] == str(PORT) for p in published), published
+    # metrics: published by default only on a free loopback port of the host
+    assert f"127.0.0.1::{METRICS_PORT}" in published, published
     assert service.get("restart") in ("always", "unless-stopped", "on-failure")
     assert service["healthcheck"]["test"][1:] == STATUS_PROBE
     parse_cli(service["healthcheck"]["test"][2:])
@@ -159,6 +169,93 @@ def test_compose_worker_scales(compose: dict[str, Any]) -> None:
 
 def test_compose_names_no_unknown_env_without_default() -> None:
     expand(COMPOSE.read_text())  # every ${VAR} has a default
+    expand(COMPOSE_CURVE.read_text())
+
+
+# ---------------------------------------------------------------------------- compose + CURVE
+
+SECRETS_DIR = PurePosixPath("/run/secrets")
+
+
+@pytest.fixture(scope="module")
+def compose_curve() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_CURVE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _secret_paths(service: dict[str, Any]) -> dict[str, str]:
+    """container path -> secret name of a service's secrets, short or long syntax."""
+    paths = {}
+    for secret in service.get("secrets", []):
+        name, target = (secret, secret) if isinstance(secret, str) else (
+            secret["source"], secret.get("target", secret["source"]))
+        paths[str(SECRETS_DIR / target)] = name  # an absolute target stays as it is
+    return paths
+
+
+def test_compose_curve_secrets_declared(compose_curve: dict[str, Any]) -> None:
+    declared = compose_curve["secrets"]
+    used = {name for s in compose_curve["services"].values()
+            for name in _secret_paths(s).values()}
+    assert used == set(declared), "every secret used is declared, and none is left unused"
+    for name, secret in declared.items():
+        assert set(secret) == {"file"}, f"{name}: file-based secrets only"
+        source = PurePosixPath(expand(secret["file"]))
+        assert source.parent == PurePosixPath("keys"), f"{name}: not from ./keys/"
+        assert source.name == name
+
+
+def test_compose_curve_key_files_are_what_keys_writes(
+    compose_curve: dict[str, Any], tmp_path: Path
+) -> None:
+    from augserver.security import ClientKeys, create_keys, key_pair
+
+    files = {PurePosixPath(expand(s["file"])).name for s in compose_curve["secrets"].values()}
+    names = sorted({name.split(".", 1)[0] for name in files})
+    assert names == ["augserver", "worker"]
+    for name in names:  # `augserver keys --out keys --name NAME`
+        parse_cli(["keys", "--out", "keys", "--name", name])
+        create_keys(tmp_path, name)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert files <= written, files - written
+    # the dispatcher's secret file serves as --server-key too (the health check does that)
+    server = tmp_path / "augserver.key_secret"
+    keys = ClientKeys.load(server, server)
+    assert keys is not None and keys.server == key_pair(server)[0] == keys.public
+
+
+def test_compose_curve_dispatcher(compose: dict[str, Any], compose_curve: dict[str, Any]) -> None:
+    base = compose["services"]["augserver"]
+    service = compose_curve["services"]["augserver"]
+    secrets = _secret_paths(service)
+    args = parse_cli(_command(service))
+    plain = parse_cli(_command(base))
+    for flag in ("command", "config", "bind", "workers", "metrics", "log_level"):
+        assert getattr(args, flag) == getattr(plain, flag), f"the override changes --{flag}"
+    assert args.curve_key in secrets and secrets[args.curve_key].endswith(".key_secret")
+    mounts = _mounts(service)
+    assert args.allow in mounts, f"--allow {args.allow} is not mounted"
+    source, read_only = mounts[args.allow]
+    assert read_only and PurePosixPath(source) == PurePosixPath("keys/allowed")
+    assert args.allow not in _mounts(base)
+
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1:len(STATUS_PROBE) + 1] == STATUS_PROBE
+    probe = parse_cli(test[2:])
+    assert probe.key == probe.server_key == args.curve_key  # the secret holds the public key
+
+
+def test_compose_curve_worker(compose: dict[str, Any], compose_curve: dict[str, Any]) -> None:
+    service = compose_curve["services"]["worker"]
+    secrets = _secret_paths(service)
+    args = parse_cli(_command(service))
+    plain = parse_cli(_command(compose["services"]["worker"]))
+    for flag in ("command", "connect", "procs", "log_level"):
+        assert getattr(args, flag) == getattr(plain, flag), f"the override changes --{flag}"
+    assert secrets[args.key] == "worker.key_secret"
+    assert secrets[args.server_key] == "augserver.key"
+    assert "ports" not in service and "container_name" not in service
 
 
 # ---------------------------------------------------------------------------- Dockerfile
@@ -237,6 +334,12 @@ def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
+def test_k8s_kustomization_lists_the_base() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert sorted(kustomization["resources"]) == [p.name for p in K8S_BASE]
+
+
 def test_k8s_manifests_validate(manifests: list[dict[str, Any]]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     version = kubernetes_validate.utils.latest_version()
@@ -273,8 +376,16 @@ def test_k8s_dispatcher(manifests: list[dict[str, Any]]) -> None:
     args = parse_cli(container["args"])
     assert args.command == "serve"
     port = int(args.bind.rsplit(":", 1)[1])
-    (container_port,) = container["ports"]
+    ports = {p["name"]: p for p in container["ports"]}
+    assert set(ports) == {"zmq", "metrics"}
+    container_port = ports["zmq"]
     assert container_port["containerPort"] == port
+    assert args.metrics == f"0.0.0.0:{METRICS_PORT}"
+    assert ports["metrics"]["containerPort"] == METRICS_PORT
+    annotations = dispatcher["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true",
+                           "prometheus.io/port": str(METRICS_PORT),
+                           "prometheus.io/path": "/metrics"}
     (service_port,) = service["spec"]["ports"]
     assert service_port["port"] == port
     assert service_port["targetPort"] in (port, container_port["name"])
@@ -345,3 +456,162 @@ def test_trainer_image_and_compose_build_files(compose: dict[str, Any]) -> None:
     assert ".[client]" in installs and "torch" in installs.lower()
     assert any(k == "USER" and a.split(":")[0] not in ("root", "0") for k, a in steps)
     compile((DEPLOY / "trainer_example.py").read_text(), "trainer_example.py", "exec")
+
+
+# ---------------------------------------------------------------------------- Kubernetes + CURVE
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+
+
+def apply_json6902(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """``doc`` patched by the RFC 6902 ``ops`` (add, replace, remove, test): enough of the
+    RFC for the overlays here; a path that does not exist fails as kustomize would."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node = doc
+        for token in parents:
+            node = node[int(token)] if isinstance(node, list) else node[token]
+        kind = op["op"]
+        if kind == "test":
+            actual = node[int(last)] if isinstance(node, list) else node[last]
+            assert actual == op["value"], f"test {op['path']}: {actual!r} != {op['value']!r}"
+        elif kind == "add" and isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            assert 0 <= index <= len(node), op["path"]
+            node.insert(index, copy.deepcopy(op["value"]))
+        elif kind == "add":
+            assert isinstance(node, dict), op["path"]
+            node[last] = copy.deepcopy(op["value"])
+        elif kind == "replace":
+            if isinstance(node, list):
+                node[int(last)] = copy.deepcopy(op["value"])
+            else:
+                assert last in node, op["path"]
+                node[last] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            del node[int(last) if isinstance(node, list) else last]
+        else:
+            raise AssertionError(f"unsupported op {kind}")
+    return doc
+
+
+def test_apply_json6902() -> None:
+    doc = {"a": [1, 2], "b": {"c": 1}}
+    patched = apply_json6902(doc, [
+        {"op": "add", "path": "/a/-", "value": 3}, {"op": "add", "path": "/a/0", "value": 0},
+        {"op": "add", "path": "/b/d~1e", "value": 2}, {"op": "replace", "path": "/b/c", "value": 5},
+        {"op": "remove", "path": "/a/1"}, {"op": "test", "path": "/b/c", "value": 5},
+    ])
+    assert patched == {"a": [0, 2, 3], "b": {"c": 5, "d/e": 2}}
+    assert doc == {"a": [1, 2], "b": {"c": 1}}
+    for bad in ({"op": "test", "path": "/b/c", "value": 2},
+                {"op": "add", "path": "/x/y", "value": 1},
+                {"op": "replace", "path": "/b/zz", "value": 1}):
+        with pytest.raises((AssertionError, KeyError)):
+            apply_json6902(doc, [bad])
+
+
+@pytest.fixture(scope="module")
+def curve_overlay(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The overlay's kustomization applied by hand: {Deployment name: patched Deployment}."""
+    kustomization = yaml.safe_load((CURVE_OVERLAY / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert [(CURVE_OVERLAY / r).resolve() for r in kustomization["resources"]] == [K8S]
+    assert "namespace" not in kustomization
+    patched = {}
+    for patch in kustomization["patches"]:
+        target = patch["target"]
+        assert (target["group"], target["version"], target["kind"]) == ("apps", "v1", "Deployment")
+        ops = yaml.safe_load((CURVE_OVERLAY / patch["path"]).read_text())
+        assert isinstance(ops, list), "a JSON6902 patch is a list of operations"
+        doc = _one(manifests, "Deployment", target["name"])
+        patched[target["name"]] = apply_json6902(doc, ops)
+    assert set(patched) == {"augserver-dispatcher", "augserver-worker"}
+    return patched
+
+
+def test_k8s_curve_overlay_validates(curve_overlay: dict[str, dict[str, Any]]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.utils.latest_version()
+    for doc in curve_overlay.values():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def _key_volume(spec: dict[str, Any], container: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(mount path, secret volume source) of the overlay's curve-keys volume."""
+    ((path, volume),) = [(m, v) for m, v in _volume_mounts(spec, container).items()
+                         if v["name"] == "curve-keys"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "curve-keys"]
+    assert mount["readOnly"] is True
+    secret = volume["secret"]
+    assert secret["secretName"] == "augserver-curve-keys"
+    assert secret["defaultMode"] == 0o440
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    return path, secret
+
+
+def _in_volume(path: str, mount: str, secret: dict[str, Any]) -> str:
+    """The Secret key that ``path`` (under ``mount``) shows."""
+    relative = str(PurePosixPath(path).relative_to(mount))
+    if "items" not in secret:
+        return relative
+    (key,) = [i["key"] for i in secret["items"] if i["path"] == relative]
+    return key
+
+
+def test_k8s_curve_dispatcher(manifests: list[dict[str, Any]],
+                              curve_overlay: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    from augserver.security import create_keys
+
+    spec, container = _pod(curve_overlay["augserver-dispatcher"])
+    _, plain_container = _pod(_one(manifests, "Deployment", "augserver-dispatcher"))
+    args = parse_cli(container["args"])
+    plain = parse_cli(plain_container["args"])
+    for flag in ("command", "config", "bind", "workers", "metrics"):
+        assert getattr(args, flag) == getattr(plain, flag)
+    mount, secret = _key_volume(spec, container)
+    assert "items" not in secret  # the whole Secret: its NAME.key files are the allow-list
+    assert args.allow == mount
+    create_keys(tmp_path, "augserver")
+    written = {p.name for p in tmp_path.iterdir()}
+    assert _in_volume(args.curve_key, mount, secret) == "augserver.key_secret" in written
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[:len(STATUS_PROBE)] == STATUS_PROBE
+        status = parse_cli(command[1:])
+        assert status.key == status.server_key == args.curve_key
+
+
+def test_k8s_curve_worker(manifests: list[dict[str, Any]],
+                          curve_overlay: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    from augserver.security import create_keys
+
+    spec, container = _pod(curve_overlay["augserver-worker"])
+    _, plain_container = _pod(_one(manifests, "Deployment", "augserver-worker"))
+    args = parse_cli(container["args"])
+    plain = parse_cli(plain_container["args"])
+    for flag in ("command", "connect", "procs"):
+        assert getattr(args, flag) == getattr(plain, flag)
+    mount, secret = _key_volume(spec, container)
+    for name in ("augserver", "worker"):
+        create_keys(tmp_path, name)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert _in_volume(args.key, mount, secret) == "worker.key_secret" in written
+    assert _in_volume(args.server_key, mount, secret) == "augserver.key" in written
+    assert {i["key"] for i in secret["items"]} == {"worker.key_secret", "augserver.key"}
+
+
+def test_k8s_curve_keys_documented() -> None:
+    """deploy/README.md names the Secret's files and the overlay exactly as they are used."""
+    readme = (DEPLOY / "README.md").read_text()
+    assert "kubectl apply -k deploy/k8s/examples/curve" in readme
+    assert "kubectl create secret generic augserver-curve-keys" in readme
+    for name in ("augserver.key_secret", "augserver.key", "worker.key_secret", "worker.key"):
+        assert f"--from-file=keys/{name}" in readme
+    assert "docker compose -f docker-compose.yml -f deploy/compose.curve.yml" in readme

@@ -59,6 +59,8 @@ MAX_WORLD_SIZE = 1 << 16
 MAX_NAME = 256
 """Longest stream id (and peer name, which is cut) accepted."""
 _BURST = 256  # messages handled between housekeeping checks
+_HEARTBEAT = protocol.encode("heartbeat")
+_PONG = protocol.encode("pong")
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # plain ints: no enum arithmetic
 
 
@@ -361,7 +363,7 @@ class Dispatcher:
         worker.free = max(0, min(worker.free + slots, room))
 
     def _beat(self, worker: Peer, message: protocol.Message) -> None:
-        self._send(worker.ident, protocol.encode("heartbeat"))
+        self._send(worker.ident, _HEARTBEAT)
 
     def _result(self, worker: Peer, message: protocol.Message) -> None:
         """Deliver a worker's batch; a result also frees the slot its task used."""
@@ -474,12 +476,12 @@ class Dispatcher:
             self._drop_stream(stream)
 
     def _ping(self, client: Peer, message: protocol.Message) -> None:
-        self._send(client.ident, protocol.encode("pong"))
+        self._send(client.ident, _PONG)
 
     def _deliver(self, stream: Stream, task: Task, result: protocol.Message) -> None:
         """Relay a result's frames (not copied) as batch ``task.position`` of ``stream``."""
-        frames = protocol.encode("batch", result.arrays, stream=stream.id,
-                                 position=task.position, failed=result["failed"])
+        frames = protocol.pack("batch", result.arrays, {
+            "stream": stream.id, "position": task.position, "failed": result["failed"]})
         stream.credits -= 1
         stream.meter.delivered(time.monotonic(), len(result.arrays[2]), stream.credits)
         stream.delivered.add(task.position)
@@ -546,8 +548,8 @@ class Dispatcher:
         stream.in_flight[position] = task.id
         worker.tasks.add(task.id)
         worker.free -= 1
-        self._send(worker.ident, protocol.encode(
-            "task", task=task.id, epoch=stream.plan.epoch, indices=task.indices))
+        self._send(worker.ident, protocol.pack(
+            "task", (), {"task": task.id, "epoch": stream.plan.epoch, "indices": task.indices}))
 
     # ------------------------------------------------------------------ status
 

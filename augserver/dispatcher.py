@@ -286,8 +286,10 @@ class Dispatcher:
                             "tasks", peer.name, silence, len(peer.tasks))
                 self._forget(peer.ident)
             elif peer.role == "client" and silence > CLIENT_TIMEOUT:
-                log.warning("client %s silent for %.0f s; forgetting it and its %d streams",
-                            peer.name, silence, len(peer.streams))
+                # A client with no stream only asked for the job (``len(loader)``): routine.
+                level = logging.WARNING if peer.streams else logging.INFO
+                log.log(level, "client %s silent for %.0f s; forgetting it and its %d streams",
+                        peer.name, silence, len(peer.streams))
                 self._forget(peer.ident)
         self._schedule()
         if self.snapshot is not None:

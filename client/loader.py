@@ -235,8 +235,9 @@ class RemoteAugMixLoader:
             images = images.float().mul_(scale).sub_(shift)
         if not self.channels_last:
             images = images.contiguous()
-        target = torch.from_numpy(item.labels.astype(np.int64)).to(self.device, non_blocking=True)
-        index = torch.from_numpy(item.indices.astype(np.int64))
+        # int64 on the wire (the dispatcher checks): views of the frames, no copies
+        target = torch.from_numpy(item.labels).to(self.device, non_blocking=True)
+        index = torch.from_numpy(item.indices)
         if images.shape[0] == 3:
             return AugMixBatch(images[0], images[1], images[2], target, index)
         return AugMixBatch(None, images[0], None, target, index)

@@ -565,16 +565,31 @@ def _in_volume(path: str, mount: str, secret: dict[str, Any]) -> str:
     return key
 
 
+def _curve_pod(
+    manifests: list[dict[str, Any]],
+    curve_overlay: dict[str, dict[str, Any]],
+    name: str,
+    kept: tuple[str, ...],
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Deployment ``name`` with the CURVE overlay: its pod spec, container and parsed args,
+    after checking that the overlay kept the base manifest's ``kept`` flags."""
+    spec, container = _pod(curve_overlay[name])
+    _, plain_container = _pod(_one(manifests, "Deployment", name))
+    args = parse_cli(container["args"])
+    plain = parse_cli(plain_container["args"])
+    for flag in kept:
+        assert getattr(args, flag) == getattr(plain, flag)
+    return spec, container, args
+
+
 def test_k8s_curve_dispatcher(manifests: list[dict[str, Any]],
                               curve_overlay: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     from augserver.security import create_keys
 
-    spec, container = _pod(curve_overlay["augserver-dispatcher"])
-    _, plain_container = _pod(_one(manifests, "Deployment", "augserver-dispatcher"))
-    args = parse_cli(container["args"])
-    plain = parse_cli(plain_container["args"])
-    for flag in ("command", "config", "bind", "workers", "metrics"):
-        assert getattr(args, flag) == getattr(plain, flag)
+    spec, container, args = _curve_pod(
+        manifests, curve_overlay, "augserver-dispatcher",
+        ("command", "config", "bind", "workers", "metrics"),
+    )  # fmt: skip
     mount, secret = _key_volume(spec, container)
     assert "items" not in secret  # the whole Secret: its NAME.key files are the allow-list
     assert args.allow == mount
@@ -592,12 +607,9 @@ def test_k8s_curve_worker(manifests: list[dict[str, Any]],
                           curve_overlay: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     from augserver.security import create_keys
 
-    spec, container = _pod(curve_overlay["augserver-worker"])
-    _, plain_container = _pod(_one(manifests, "Deployment", "augserver-worker"))
-    args = parse_cli(container["args"])
-    plain = parse_cli(plain_container["args"])
-    for flag in ("command", "connect", "procs"):
-        assert getattr(args, flag) == getattr(plain, flag)
+    spec, container, args = _curve_pod(
+        manifests, curve_overlay, "augserver-worker", ("command", "connect", "procs")
+    )
     mount, secret = _key_volume(spec, container)
     for name in ("augserver", "worker"):
         create_keys(tmp_path, name)

@@ -9,6 +9,8 @@ The full file, every key at its default (only ``dataset`` is required)::
                               # which of the two; ignored by npz
     preprocess: imagenet      # cifar (crop 32, pad 4, flip) | imagenet (random resized crop
                               # 224, flip); default: cifar for cifar10/cifar100, else imagenet
+    augment: augmix           # augmix | none (plain preprocessing only: the "standard"
+                              # baseline; one view per sample, needs jsd: false)
     augmix:
       severity: 1             # 1..10; default 3 with cifar preprocessing, 1 with imagenet
       width: 3                # chains mixed per view, >= 1
@@ -16,7 +18,7 @@ The full file, every key at its default (only ``dataset`` is required)::
       alpha: 1.0              # Dirichlet and Beta mixing parameter, > 0
       all_ops: false          # also color, contrast, brightness, sharpness (overlap ImageNet-C)
     jsd: true                 # true: (orig, aug1, aug2) per sample for the JSD loss;
-                              # false: one AugMix view per sample
+                              # false: one view per sample; default false with augment: none
     batch_size: 128           # samples per batch, >= 1
     seed: 0                   # >= 0; the epoch order and every sample's draws derive from it
     drop_last: false          # drop a rank's last partial batch instead of padding it
@@ -69,6 +71,7 @@ PREPROCESSING: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]] = {
 }
 DEFAULT_SEVERITY = {"cifar": 3, "imagenet": 1}  # the AugMix paper's defaults
 ERROR_POLICIES = ("skip", "fail")
+AUGMENT = ("augmix", "none")
 DEFAULT_BIND = "tcp://0.0.0.0:5555"
 _MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
 _BIND = re.compile(r"tcp://\S+:\S+|(ipc|inproc)://\S+")
@@ -138,6 +141,7 @@ class JobConfig:
     dataset: DatasetConfig
     preprocess: str
     augmix: AugMixConfig
+    augment: str = "augmix"
     jsd: bool = True
     batch_size: int = 128
     seed: int = 0
@@ -151,7 +155,8 @@ class JobConfig:
 
     @property
     def views(self) -> int:
-        """Image views per sample: 3 (orig, aug1, aug2) with jsd, else 1 (one AugMix view)."""
+        """Image views per sample: 3 (orig, aug1, aug2) with jsd, else 1 (one AugMix view, or
+        the plain preprocessed image with ``augment: none``)."""
         return 3 if self.jsd else 1
 
     @property
@@ -376,11 +381,16 @@ def config_from_dict(
     bind = data.get("bind", _DEFAULTS["bind"])
     if not isinstance(bind, str) or not _BIND.fullmatch(bind):
         r.fail("bind", f"must be a ZeroMQ address like tcp://0.0.0.0:5555, got {bind!r}")
+    augment = r.choice(data, "augment", AUGMENT)
+    jsd = r.flag(data, "jsd") if augment == "augmix" or "jsd" in data else False
+    if jsd and augment == "none":
+        r.fail("jsd", "must be false with augment: none (no AugMix views to compare)")
     return JobConfig(
         dataset=dataset,
         preprocess=preprocess,
         augmix=_augmix(r, data.get("augmix"), preprocess),
-        jsd=r.flag(data, "jsd"),
+        augment=augment,
+        jsd=jsd,
         batch_size=r.integer(data, "batch_size", 1),
         seed=r.integer(data, "seed", 0),
         drop_last=r.flag(data, "drop_last"),

@@ -101,7 +101,7 @@ def make_batch(
             views[0, n] = image
             views[1:, n] = augmented
         else:
-            views[0, n] = augmented[0]
+            views[0, n] = image if config.augment == "none" else augmented[0]
         done[n] = index
         n += 1
     if n < len(indices):
@@ -122,7 +122,8 @@ def _failure(dataset: Dataset, index: int, exc: Exception) -> list[Any]:
 
 
 def _sample_image(job: Job, epoch: int, index: int, augmented: np.ndarray) -> np.ndarray:
-    """Preprocess sample ``index`` and fill ``augmented`` with its AugMix views."""
+    """Preprocess sample ``index`` and fill ``augmented`` with its AugMix views (unless the job
+    has ``augment: none``)."""
     config, dataset = job.config, job.dataset
     rng = sample_rng(config.seed, epoch, index)
     image = dataset.sample(index, lambda source: preprocess(config.preprocess, source, rng))
@@ -131,7 +132,8 @@ def _sample_image(job: Job, epoch: int, index: int, augmented: np.ndarray) -> np
         raise DatasetError(
             dataset.path(index), index, f"preprocessed to {image.shape}, not {(side, side, 3)}"
         )
-    augmix_views(image, rng, config.augmix, len(augmented), out=augmented)
+    if config.augment == "augmix":
+        augmix_views(image, rng, config.augmix, len(augmented), out=augmented)
     return image
 
 

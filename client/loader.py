@@ -43,11 +43,12 @@ class AugMixBatch:
     """One batch: NCHW image tensors on the loader's device, labels and dataset indices.
 
     With JSD (the default) ``orig``, ``aug1`` and ``aug2`` are the clean image and two AugMix
-    views; without JSD ``aug1`` is the single AugMix view and ``orig``/``aug2`` are None.
+    views; without JSD ``aug1`` is the single AugMix view and ``orig``/``aug2`` are None; with
+    ``augment: none`` (no AugMix) ``orig`` is the single view and ``aug1``/``aug2`` are None.
     """
 
     orig: torch.Tensor | None
-    aug1: torch.Tensor
+    aug1: torch.Tensor | None
     aug2: torch.Tensor | None
     target: torch.Tensor
     index: torch.Tensor
@@ -240,6 +241,8 @@ class RemoteAugMixLoader:
         index = torch.from_numpy(item.indices)
         if images.shape[0] == 3:
             return AugMixBatch(images[0], images[1], images[2], target, index)
+        if self.config.augment == "none":
+            return AugMixBatch(images[0], None, None, target, index)
         return AugMixBatch(None, images[0], None, target, index)
 
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ FULL = {
     "dataset": {"format": "npz", "path": "train.npz", "train": False},
     "preprocess": "cifar",
     "augmix": {"severity": 5, "width": 4, "depth": 2, "alpha": 0.5, "all_ops": True},
+    "augment": "none",
     "jsd": False,
     "batch_size": 32,
     "seed": 7,
@@ -131,6 +132,16 @@ def test_jsd_false_is_one_view(tmp_path: Path) -> None:
     assert config.batch_bytes == 2 * 224 * 224 * 3
 
 
+def test_augment_none_is_one_plain_view_and_refuses_jsd(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, minimal())).augment == "augmix"
+    config = load_config(write(tmp_path, minimal(augment="none")))
+    assert (config.augment, config.jsd, config.views) == ("none", False, 1)
+    with pytest.raises(ConfigError, match="jsd: must be false with augment: none"):
+        load_config(write(tmp_path, minimal(augment="none", jsd=True)))
+    with pytest.raises(ConfigError, match="augment: must be one of augmix, none, got 'plain'"):
+        load_config(write(tmp_path, minimal(augment="plain")))
+
+
 # ---------------------------------------------------------------------------- every key
 
 
@@ -140,6 +151,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert config.preprocess == "cifar"
     assert config.augmix == AugMixConfig(severity=5, width=4, depth=2, alpha=0.5, all_ops=True)
     assert (config.jsd, config.batch_size, config.seed, config.drop_last) == (False, 32, 7, True)
+    assert config.augment == "none"
     assert (config.error_policy, config.bind, config.workers) == (
         "fail",
         "tcp://127.0.0.1:6000",

@@ -142,6 +142,18 @@ def test_single_view_without_jsd(tmp_path, procs):
     assert batch.aug1.shape == (8, 3, 32, 32) and batch.concat().shape == (8, 3, 32, 32)
 
 
+def test_plain_preprocessed_view_with_augment_none(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N, augment="none"), address, workers=1)
+    batch = next(iter(RemoteAugMixLoader(address, timeout=60, normalize=False)))
+    assert batch.aug1 is None and batch.aug2 is None and batch.concat() is batch.orig
+    data = np.load(tmp_path / "data.npz")
+    for row, i in zip(batch.orig, batch.index.tolist(), strict=True):
+        # the same crop and flip as the clean view of an AugMix job: only the preprocessing
+        expected = preprocess("cifar", data["x"][i], sample_rng(0, 0, i))
+        assert np.array_equal(row.permute(1, 2, 0).numpy(), expected)
+
+
 def test_worker_killed_mid_epoch_nothing_missing_nothing_twice(tmp_path, procs):
     address = free_address()
     procs.serve(job_config(tmp_path, 96), address)

@@ -62,6 +62,7 @@ _BURST = 256  # messages handled between housekeeping checks
 _HEARTBEAT = protocol.encode("heartbeat")
 _PONG = protocol.encode("pong")
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # plain ints: no enum arithmetic
+_UINT8, _INT64 = np.dtype(np.uint8), np.dtype(np.int64)
 
 
 class MessageError(Exception):
@@ -102,7 +103,7 @@ class Task:
     id: int
     stream: Stream
     position: int
-    indices: list[int]
+    batch: np.ndarray  # int64 dataset indices
     worker: bytes
 
 
@@ -390,28 +391,31 @@ class Dispatcher:
             self.counters["tasks_reissued"] += 1
             raise MessageError(f"result of task {task.id}: {problem}; task re-issued")
         failed = message["failed"]
-        self._record(worker, failed, len(message.arrays[2]))
+        self._record(worker, failed, message.specs[2][1][0])
         if failed and self.config.error_policy == "fail":
             self._fail_stream(stream, failed[0])
         else:
             self._deliver(stream, task, message)
 
     def _check_result(self, task: Task, message: protocol.Message) -> str | None:
-        """What is wrong with a result's arrays for ``task``, or None."""
-        if len(message.arrays) != 3:
-            return f"{len(message.arrays)} arrays instead of 3 (views, labels, indices)"
-        views, labels, indices = message.arrays
-        side, n = self.config.image_size, len(indices)
+        """What is wrong with a result's arrays for ``task``, or None. The usual result (every
+        sample made) is recognised by its shapes and index bytes, without numpy."""
+        if len(message.specs) != 3:
+            return f"{len(message.specs)} arrays instead of 3 (views, labels, indices)"
+        (views, shape), (labels, n_labels), (indices, n_indices) = message.specs
+        if indices != _INT64 or len(n_indices) != 1:
+            return f"indices are {indices}{list(n_indices)}, expected int64[n]"
+        n = n_indices[0]
+        if labels != _INT64 or n_labels != (n,):
+            return f"labels are {labels}{list(n_labels)}, expected int64[{n}]"
+        side = self.config.image_size
         expected = (self.config.views, n, side, side, 3)
-        if views.dtype != np.uint8 or views.shape != expected:
-            return f"views are {views.dtype}{list(views.shape)}, expected uint8{list(expected)}"
-        for name, array in (("labels", labels), ("indices", indices)):
-            if array.dtype != np.int64 or array.shape != (n,):
-                return f"{name} are {array.dtype}{list(array.shape)}, expected int64[{n}]"
-        made = indices.tolist()
-        if made == task.indices:
+        if views != _UINT8 or shape != expected:
+            return f"views are {views}{list(shape)}, expected uint8{list(expected)}"
+        if message.frames[2].bytes == task.batch.tobytes():
             return None
-        if Counter(made) + Counter(f[0] for f in message["failed"]) != Counter(task.indices):
+        made = message.arrays[2].tolist()
+        if Counter(made) + Counter(f[0] for f in message["failed"]) != Counter(task.batch.tolist()):
             return "its indices and failures do not match the task's indices"
         return None
 
@@ -482,10 +486,10 @@ class Dispatcher:
 
     def _deliver(self, stream: Stream, task: Task, result: protocol.Message) -> None:
         """Relay a result's frames (not copied) as batch ``task.position`` of ``stream``."""
-        frames = protocol.pack("batch", result.arrays, {
+        frames = protocol.relay("batch", result, {
             "stream": stream.id, "position": task.position, "failed": result["failed"]})
         stream.credits -= 1
-        stream.meter.delivered(time.monotonic(), len(result.arrays[2]), stream.credits)
+        stream.meter.delivered(time.monotonic(), result.specs[2][1][0], stream.credits)
         stream.delivered.add(task.position)
         stream.remaining -= 1
         if self._send(stream.client, frames) and stream.remaining == 0:
@@ -544,14 +548,15 @@ class Dispatcher:
 
     def _assign(self, worker: Peer, stream: Stream) -> None:
         position = heapq.heappop(stream.pending)
-        task = Task(next(self.task_ids), stream, position,
-                    stream.plan.batch(position).tolist(), worker.ident)
+        task = Task(next(self.task_ids), stream, position, stream.plan.batch(position),
+                    worker.ident)
         self.tasks[task.id] = task
         stream.in_flight[position] = task.id
         worker.tasks.add(task.id)
         worker.free -= 1
         self._send(worker.ident, protocol.pack(
-            "task", (), {"task": task.id, "epoch": stream.plan.epoch, "indices": task.indices}))
+            "task", (), {"task": task.id, "epoch": stream.plan.epoch,
+                         "indices": task.batch.tolist()}))
 
     # ------------------------------------------------------------------ status
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -148,14 +149,25 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
 
 @dataclass
 class Message:
-    """A decoded message: its type, its fields and its arrays (views of the frames)."""
+    """A decoded message: its type, its fields and its array frames, each checked against its
+    ``(dtype, shape)`` in ``specs``; :attr:`arrays` views them as numpy arrays (no copies)."""
 
     type: str
     fields: dict[str, Any]
-    arrays: list[np.ndarray] = field(default_factory=list)
+    frames: list[Any] = field(default_factory=list)
+    specs: list[tuple[np.dtype, tuple[int, ...]]] = field(default_factory=list)
+    described: list[Any] = field(default_factory=list)  # the header's ``arrays``, as sent
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
+
+    @cached_property
+    def arrays(self) -> list[np.ndarray]:
+        """The array frames as numpy arrays: views of the received buffers, made on first use."""
+        return [
+            np.frombuffer(_buffer(frame), dtype=dtype).reshape(shape)
+            for frame, (dtype, shape) in zip(self.frames, self.specs, strict=True)
+        ]
 
 
 def encode(mtype: str, arrays: Sequence[np.ndarray] = (), **fields: Any) -> list[Any]:
@@ -178,6 +190,13 @@ def pack(mtype: str, arrays: Sequence[np.ndarray], fields: dict[str, Any]) -> li
         buffers.append(array.data if array.size else b"")
     header = {"v": PROTOCOL_VERSION, "t": mtype, "arrays": descriptions, **fields}
     return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+def relay(mtype: str, message: Message, fields: dict[str, Any]) -> list[Any]:
+    """The array frames of a decoded ``message`` (as received: not copied, not re-checked)
+    under a new ``mtype`` header with ``fields``; like :func:`pack`, for values already valid."""
+    header = {"v": PROTOCOL_VERSION, "t": mtype, "arrays": message.described, **fields}
+    return [msgpack.packb(header, use_bin_type=True), *message.frames]
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -212,8 +231,9 @@ def decode(frames: Sequence[Any]) -> Message:
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown message type {mtype!r}")
     check_fields(mtype, header)
-    arrays = _decode_arrays(mtype, descriptions, frames[1:])
-    return Message(mtype, header, arrays)
+    payload = list(frames[1:])
+    specs = _check_arrays(mtype, descriptions, payload)
+    return Message(mtype, header, payload, specs, descriptions)
 
 
 def check_fields(mtype: str, fields: dict[str, Any]) -> None:
@@ -232,27 +252,30 @@ def check_fields(mtype: str, fields: dict[str, Any]) -> None:
             raise ProtocolError(f"{mtype}: invalid value for field {name!r}: {fields[name]!r:.80}")
 
 
-def _decode_arrays(mtype: str, descriptions: Any, frames: Sequence[Any]) -> list[np.ndarray]:
+def _check_arrays(
+    mtype: str, descriptions: Any, frames: Sequence[Any]
+) -> list[tuple[np.dtype, tuple[int, ...]]]:
+    """Each frame's ``(dtype, shape)``, checked: well described, and the frame's size right."""
     if not isinstance(descriptions, list) or len(descriptions) > MAX_ARRAYS:
         raise ProtocolError(f"{mtype}: 'arrays' must be a list of at most {MAX_ARRAYS}")
     if len(descriptions) != len(frames):
         raise ProtocolError(
             f"{mtype}: header describes {len(descriptions)} arrays but {len(frames)} frames follow"
         )
-    arrays = []
+    specs = []
     for i, (description, frame) in enumerate(zip(descriptions, frames, strict=True)):
         dtype, shape = _description(description)
         if dtype is None:
             raise ProtocolError(f"{mtype}: array {i} is badly described: {description!r:.60}")
-        buffer = _buffer(frame)
+        size = _buffer(frame).nbytes
         expected = math.prod(shape) * dtype.itemsize
-        if len(buffer) != expected:
+        if size != expected:
             raise ProtocolError(
                 f"{mtype}: array {i} declares {dtype.str}{list(shape)} ({expected} bytes) "
-                f"but its frame has {len(buffer)} bytes"
+                f"but its frame has {size} bytes"
             )
-        arrays.append(np.frombuffer(buffer, dtype=dtype).reshape(shape))
-    return arrays
+        specs.append((dtype, shape))
+    return specs
 
 
 def _description(description: Any) -> tuple[np.dtype | None, tuple[int, ...]]:

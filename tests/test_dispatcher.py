@@ -304,6 +304,47 @@ def test_malformed_messages_while_a_stream_runs(tmp_path: Path) -> None:
     assert counters["handler_errors"] == 0
 
 
+def test_results_that_do_not_match_their_task_are_named_and_reissued(tmp_path: Path) -> None:
+    config = job(tmp_path, make_npz(tmp_path, n=16))
+    with dispatcher_thread(config) as d, RawClient(d.address) as c:
+        c.hello()
+        c.open("s", credits=4)
+        with RawClient(d.address) as w:
+            w.hello("worker")
+            wrong: list[tuple[Any, str]] = [
+                (lambda v, lab, idx: [v, lab], "2 arrays instead of 3"),
+                (lambda v, lab, idx: [v, lab, idx.reshape(1, -1)], "indices are int64[1,"),
+                (lambda v, lab, idx: [v, lab.astype(np.uint8), idx], "labels are uint8"),
+                (lambda v, lab, idx: [v[:1], lab, idx], "views are uint8[1,"),
+                (lambda v, lab, idx: [v, lab, idx + 1], "do not match the task's indices"),
+            ]
+            w.send("ready", slots=1)  # one slot: each result gives it back
+            for build, problem in wrong:
+                task = w.expect("task")
+                idx = np.array(task["indices"], np.int64)
+                views = np.zeros((3, len(idx), 32, 32, 3), np.uint8)
+                w.send("result", build(views, np.zeros(len(idx), np.int64), idx),
+                       task=task["task"], failed=[])
+                error = w.expect("error")
+                assert problem in error["message"] and "re-issued" in error["message"]
+            # the same indices in another order, or fewer with the rest reported failed: valid
+            task = w.expect("task")
+            idx = np.array(task["indices"][::-1], np.int64)
+            views = np.zeros((3, len(idx), 32, 32, 3), np.uint8)
+            w.send("result", [views, np.zeros(len(idx), np.int64), idx], task=task["task"],
+                   failed=[])
+            assert c.expect("batch")["position"] == 0
+            task = w.expect("task")
+            idx = np.array(task["indices"][1:], np.int64)
+            views = np.zeros((3, len(idx), 32, 32, 3), np.uint8)
+            w.send("result", [views, np.zeros(len(idx), np.int64), idx], task=task["task"],
+                   failed=[[task["indices"][0], "x.png", "broken"]])
+            batch = c.expect("batch")
+            assert batch["failed"][0][0] == task["indices"][0]
+            assert batch.arrays[2].tolist() == task["indices"][1:]
+        assert request_status(d.address)["counters"]["tasks_reissued"] >= len(wrong)
+
+
 def test_oversized_message_does_not_kill_the_dispatcher(tmp_path: Path) -> None:
     config = job(tmp_path, make_npz(tmp_path, n=16), limits={"max_message_bytes": 100_000})
     with dispatcher_thread(config) as d, RawClient(d.address) as c:

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from augserver import protocol
-from augserver.protocol import ProtocolError, decode, encode
+from augserver.protocol import ProtocolError, decode, encode, relay
 
 
 def header(mtype: str = "ping", arrays: list[Any] | None = None, **fields: Any) -> bytes:
@@ -60,6 +60,21 @@ def test_zero_copy_over_a_real_socket() -> None:
         a.close(linger=0)
         b.close(linger=0)
         context.term()
+
+
+def test_relay_forwards_the_received_frames_under_a_new_header() -> None:
+    arrays = result_arrays(3)
+    result = decode(encode("result", arrays, task=4, failed=[]))
+    frames = relay("batch", result, {"stream": "s", "position": 2, "failed": []})
+    assert frames[1:] == result.frames and all(
+        a is b for a, b in zip(frames[1:], result.frames, strict=True)
+    )
+    batch = decode(frames)
+    assert (batch.type, batch["position"]) == ("batch", 2)
+    for got, sent in zip(batch.arrays, arrays, strict=True):
+        assert got.dtype == sent.dtype and np.array_equal(got, sent)
+    assert [(d.str, s) for d, s in batch.specs] == [("|u1", (3, 3, 4, 4, 3)), ("<i8", (3,)),
+                                                   ("<i8", (3,))]
 
 
 def test_non_contiguous_arrays_are_sent_contiguous_and_empty_arrays_work() -> None:

@@ -121,10 +121,13 @@ def transport_overhead(config: Path, seconds: float, rounds: int = 3) -> dict[st
     samples/s (wall clock) and CPU seconds per sample (the worker process's own CPU time,
     which the other processes sharing the cores disturb less).
 
-    The loader takes uint8 as delivered: on a GPU trainer the normalisation runs on the
-    device, here it would take CPU from the one worker being measured."""
+    The loader takes the batches as delivered (uint8, NHWC memory: ``normalize=False,
+    channels_last=True``): on a GPU trainer the layout change and the normalisation run on the
+    device; here they would take CPU from the one worker being measured."""
     with Server(config, 1) as server:
-        loader = RemoteAugMixLoader(server.address, prefetch=8, timeout=120, normalize=False)
+        loader = RemoteAugMixLoader(
+            server.address, prefetch=8, timeout=120, normalize=False, channels_last=True
+        )
         epoch_rate(loader, 0)
         name = request_status(server.address)["workers"][0]["name"]
         worker_pid = int(name.rsplit(":", 1)[1])
@@ -251,9 +254,12 @@ def noop_fleet(address: str, workers: int) -> Iterator[zmq.Context]:
 
 
 def loopback_ceiling(config: Path, seconds: float, workers: int) -> float:
-    """GB/s of batches reaching RemoteAugMixLoader (uint8, normalize=False) from no-op workers."""
+    """GB/s of batches reaching RemoteAugMixLoader as delivered (uint8, NHWC memory) from no-op
+    workers."""
     with Server(config, 0) as server, noop_fleet(server.address, workers):
-        loader = RemoteAugMixLoader(server.address, prefetch=16, normalize=False, timeout=60)
+        loader = RemoteAugMixLoader(
+            server.address, prefetch=16, normalize=False, channels_last=True, timeout=60
+        )
         total = 0
         start = time.perf_counter()
         epoch = 0

@@ -61,7 +61,9 @@ def kernel_rates(sources: np.ndarray, seconds: float, rounds: int) -> tuple[floa
 def service_best(config: Path, workers: int, rounds: int) -> float:
     """Best steady samples/s over ``rounds`` epochs through the service (one warm-up epoch)."""
     with Server(config, workers) as server:
-        loader = RemoteAugMixLoader(server.address, prefetch=8, timeout=120, normalize=False)
+        loader = RemoteAugMixLoader(  # batches as delivered: uint8, NHWC memory
+            server.address, prefetch=8, timeout=120, normalize=False, channels_last=True
+        )
         epoch_rate(loader, 0)
         return max(epoch_rate(loader, epoch)[0] for epoch in range(1, rounds + 1))
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with augserver (editable), the client extra and the test tools.
+# Create .venv with augserver (editable), the client extra, the test tools and matplotlib
+# (the evaluation plots).
 # torch must come first and exactly as torch==2.13.0 on this kind of machine (a local CPU
 # wheel); any other spec pulls a multi-gigabyte CUDA build.
 set -euo pipefail
@@ -10,4 +11,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[client,test]"
+.venv/bin/python -m pip install -q -e ".[client,test,plot]"

@@ -13,5 +13,6 @@ def test_demo_trains_through_the_service_and_stops_everything(capsys):
     assert status in (0, 1)  # 0 when the loss fell over the run
     assert "batches/epoch of 32" in out
     rates = [float(r) for r in re.findall(r"([\d.]+) samples/s", out)]
-    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert len(rates) == 3 and all(r > 0 for r in rates)  # steps 10 and 12, and the summary
+    assert re.search(r"done: 12 steps .* final loss [\d.]+, mean data-wait \d+%", out)
     assert re.search(r"loss [\d.]+ -> [\d.]+ over 12 steps", out)

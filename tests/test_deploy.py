@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shlex
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,7 @@ import yaml
 
 from augserver.cli import build_parser
 from augserver.config import load_config
+from client.train import build_parser as train_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -455,7 +457,13 @@ def test_trainer_image_and_compose_build_files(compose: dict[str, Any]) -> None:
     installs = " ".join(a for k, a in steps if k == "RUN" and "pip install" in a)
     assert ".[client]" in installs and "torch" in installs.lower()
     assert any(k == "USER" and a.split(":")[0] not in ("root", "0") for k, a in steps)
-    compile((DEPLOY / "trainer_example.py").read_text(), "trainer_example.py", "exec")
+    entry = next(json.loads(a) for k, a in steps if k == "ENTRYPOINT")
+    assert entry == ["python", "-m", "client.train"]
+    # the image's default arguments and the compose service's parse with the trainer's parser
+    default = next(json.loads(a) for k, a in steps if k == "CMD")
+    for argv in (default, (trainer or {}).get("command", default)):
+        args = train_parser().parse_args([str(a) for a in argv])
+        assert args.connect == "tcp://augserver:5555" and args.num_classes
 
 
 # ---------------------------------------------------------------------------- Kubernetes + CURVE

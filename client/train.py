@@ -1,0 +1,700 @@
+"""The example trainer: the AugMix paper's CIFAR recipe fed by an augserver dispatcher.
+
+    python -m client.train --dataset cifar10:/data/cifar-10-batches-py --workers 8   # own server
+    python -m client.train --connect tcp://HOST:5555 --num-classes 10                # running one
+    torchrun --nproc-per-node 4 -m client.train --connect tcp://HOST:5555            # DDP
+
+Defaults are the paper's CIFAR recipe (AUGMIX.md): WRN-40-2, 100 epochs, batch 128, SGD with
+nesterov momentum 0.9, lr 0.1 with the reference's per-step cosine decay (LambdaLR of
+``0.5 * (1 + cos(pi * step / total_steps))`` with a floor of ``1e-6 / lr``), weight decay
+5e-4, the JSD loss with lambda 12. The method is one setting:
+
+- ``augmix+jsd`` (default): the (orig, aug1, aug2) triple in one forward pass,
+  ``jsd_loss`` (cross-entropy on the clean view + 12 * JS);
+- ``augmix`` (``--no-jsd``): one AugMix view per sample, cross-entropy;
+- ``standard`` (``--standard``): no AugMix (job ``augment: none``), cross-entropy on the plain
+  preprocessed image.
+
+With ``--dataset FORMAT:PATH`` the trainer starts its own dispatcher with ``--workers`` local
+workers (``client.local_server``) and writes the job: the method's ``augment``/``jsd``,
+``--batch-size``, ``--seed``, ``--preprocess``, ``--severity``. With ``--connect`` the job
+is the dispatcher's (batch size included) and must match the method, else it is an error
+naming both.
+
+Checkpoints (``--checkpoint PATH``, every ``--checkpoint-every`` steps and at the end, written
+to a temporary file and renamed) are one ``torch.save`` dict: ``model`` (state_dict, unwrapped
+from DDP), ``model_name``, ``num_classes``, ``mean``, ``std`` (the job's normalisation),
+``optimizer``, ``scheduler``, ``scaler`` (fp16 only, else None), ``loader`` (this rank's
+``RemoteAugMixLoader.state_dict()``), ``loaders`` (every rank's, in rank order), ``epoch``,
+``step``, ``method``, ``args`` and ``rng`` (torch's CPU and CUDA generator states). Only plain
+types and tensors: it loads with ``torch.load(path, weights_only=True)``. ``--resume`` continues
+exactly where it was taken: same weights, optimizer and schedule, and the loader resumes
+mid-epoch with no replay and no gap (with ``--ordered`` the whole run is bit-for-bit the
+uninterrupted one).
+
+On CUDA the model runs under ``torch.autocast`` (bfloat16 where supported, else float16 with a
+GradScaler) in channels_last layout, and the loader delivers channels_last batches; on CPU
+everything is plain float32.
+
+torchrun / DDP: with ``WORLD_SIZE`` > 1 each process joins the process group (nccl on CUDA,
+gloo on CPU) and wraps the model in DistributedDataParallel; the loader takes its rank from
+torch.distributed and every rank gets the same number of batches per epoch, so DDP never
+hangs. Under torchrun ``--connect`` is required: one dispatcher serves all ranks (start it with
+``augserver serve`` next to the trainers); a dispatcher started by rank 0 on its loopback
+would be unreachable from other nodes and would die with rank 0. Rank 0 alone prints
+progress, saves checkpoints and evaluates; every rank's loader state goes into the checkpoint.
+
+``--eval-npz TEST.npz`` (``x``: N x H x W x 3 uint8 at the training resolution, ``y``: labels)
+evaluates the final model on rank 0 with ``client.evaluate`` (clean and corrupted test sets,
+corrupted sets cached in ``--eval-cache``), prints the table and writes ``--results`` JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from augserver.config import PREPROCESSING, ConfigError, JobConfig
+from augserver.datasets import FORMATS, DatasetError, open_dataset
+from client.loader import AugMixBatch, RemoteAugMixLoader
+from client.local_server import local_server
+from client.loss import jsd_loss, split_views
+from client.models import MODELS, build_model
+
+__all__ = [
+    "METHODS",
+    "TrainError",
+    "TrainResult",
+    "cosine_lr_factor",
+    "job_config",
+    "job_method",
+    "main",
+    "make_scheduler",
+    "train",
+]
+
+METHODS = ("augmix+jsd", "augmix", "standard")
+"""Training methods: the JSD triple, one AugMix view with cross-entropy, no AugMix."""
+
+_METHOD_FLAG = {"augmix+jsd": "the default (JSD)", "augmix": "--no-jsd", "standard": "--standard"}
+_METHOD_JOB = {
+    "augmix+jsd": "augment: augmix, jsd: true",
+    "augmix": "augment: augmix, jsd: false",
+    "standard": "augment: none",
+}
+_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100}
+_WINDOW = 50  # steps in the running loss / samples/s / data-wait window
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start as asked (a job/method mismatch, a bad checkpoint)."""
+
+
+# ---------------------------------------------------------------------------- job and method
+
+
+def job_method(job: JobConfig) -> str:
+    """The method a dispatcher's job feeds: ``standard``, ``augmix`` or ``augmix+jsd``."""
+    if job.augment == "none":
+        return "standard"
+    return "augmix+jsd" if job.jsd else "augmix"
+
+
+def job_config(
+    fmt: str,
+    path: str | os.PathLike[str],
+    *,
+    method: str,
+    batch_size: int = 128,
+    seed: int = 0,
+    preprocess: str | None = None,
+    severity: int | None = None,
+) -> dict[str, Any]:
+    """The job file (as a dict, for :func:`client.local_server.local_server`) that serves
+    ``method`` on the dataset ``fmt`` at ``path``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    job: dict[str, Any] = {
+        "dataset": {"format": fmt, "path": os.path.abspath(os.fspath(path))},
+        "augment": "none" if method == "standard" else "augmix",
+        "jsd": method == "augmix+jsd",
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    if preprocess is not None:
+        job["preprocess"] = preprocess
+    if severity is not None:
+        job["augmix"] = {"severity": severity}
+    return job
+
+
+def check_method(job: JobConfig, method: str, address: str) -> None:
+    """Raise :class:`TrainError` naming both sides when the job does not feed ``method``."""
+    served = job_method(job)
+    if served != method:
+        raise TrainError(
+            f"method {method!r} ({_METHOD_FLAG[method]}) needs a job with {_METHOD_JOB[method]}, "
+            f"but the dispatcher at {address} serves augment: {job.augment}, "
+            f"jsd: {str(job.jsd).lower()} (method {served!r}, {_METHOD_FLAG[served]})"
+        )
+
+
+def infer_num_classes(job: JobConfig) -> int:
+    """The job's number of classes: known for CIFAR, else read from the dataset (which must
+    be readable from here, at the job's path)."""
+    if job.dataset.format in _KNOWN_CLASSES:
+        return _KNOWN_CLASSES[job.dataset.format]
+    try:
+        return open_dataset(job.dataset.format, job.dataset.path, job.dataset.train).num_classes
+    except (DatasetError, OSError) as exc:
+        raise TrainError(
+            f"cannot count the classes of the {job.dataset.format} dataset at "
+            f"{job.dataset.path} from this host ({exc}); pass --num-classes"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def cosine_lr_factor(step: int, total_steps: int, min_ratio: float) -> float:
+    """The AugMix reference's ``get_lr(step, total_steps, 1, min_ratio)``: the lr multiplier
+    decaying from 1 at step 0 to ``min_ratio`` at ``total_steps`` on a half cosine."""
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, lr: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine decay as in the reference (stepped after every optimizer step), with
+    the floor ``1e-6 / lr`` (an lr of 1e-6 at the end)."""
+    total = max(1, total_steps)
+    min_ratio = 1e-6 / lr
+
+    def factor(step: int) -> float:
+        return cosine_lr_factor(step, total, min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did (this rank's view; samples are counted over all ranks)."""
+
+    steps: int = 0
+    """Optimizer steps taken by this call (after a resume: the new ones only)."""
+    last_step: int = 0
+    """The global step count at the end (checkpointed steps included)."""
+    epoch: int = 0
+    """The epoch the loader was in at the end."""
+    samples: int = 0
+    seconds: float = 0.0
+    data_wait: float = 0.0
+    """Share of the step time spent blocked in ``next(loader)``."""
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last (up to) 10 steps; NaN without steps."""
+        tail = self.losses[-10:]
+        return float(np.mean(tail)) if tail else float("nan")
+
+
+class _Meter:
+    """Step timing and loss over a recent window, and totals for the summary."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.window: deque[tuple[float, float, int]] = deque(maxlen=_WINDOW)
+        self.losses: list[torch.Tensor] = []
+        self.wait = self.time = 0.0
+        self.samples = 0
+
+    def add(self, wait: float, total: float, n: int, loss: torch.Tensor) -> None:
+        self.window.append((wait, total, n * self.world_size))
+        self.losses.append(loss.detach())
+        self.wait += wait
+        self.time += total
+        self.samples += n * self.world_size
+
+    def stats(self) -> dict[str, str]:
+        wait, total, samples = (sum(v) for v in zip(*self.window, strict=True))
+        loss = torch.stack(self.losses[-_WINDOW:]).mean().item()
+        return {
+            "loss": f"{loss:.4f}",
+            "samples/s": f"{samples / total:.1f}" if total > 0 else "-",
+            "data-wait": f"{wait / total:.0%}" if total > 0 else "-",
+        }
+
+    def loss_values(self) -> list[float]:
+        return torch.stack(self.losses).float().tolist() if self.losses else []
+
+
+class _Progress:
+    """A tqdm bar per epoch on a terminal, else one line every ``log_every`` steps."""
+
+    def __init__(self, enabled: bool, bar: bool, log_every: int, stop_at: int) -> None:
+        self.enabled = enabled
+        self.bar_wanted = enabled and bar
+        self.log_every = max(1, log_every)
+        self.stop_at = stop_at
+        self.bar: Any = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        if self.bar_wanted:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
+                            unit="step", dynamic_ncols=True)
+        self.epoch_label = f"epoch {epoch + 1}/{epochs}"
+
+    def step(self, step: int, meter: _Meter) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step == self.stop_at:
+                self.bar.set_postfix(meter.stats(), refresh=False)
+        elif step % self.log_every == 0 or step == self.stop_at:
+            stats = meter.stats()
+            print(f"{self.epoch_label}  step {step}/{self.stop_at}  loss {stats['loss']}  "
+                  f"{stats['samples/s']} samples/s  data-wait {stats['data-wait']}", flush=True)
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _save_atomic(state: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint written by :func:`train` (plain types and tensors only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _forward_loss(
+    model: nn.Module, batch: AugMixBatch, method: str, jsd_lambda: float, autocast: Any
+) -> torch.Tensor:
+    with autocast:
+        if method == "augmix+jsd":
+            logits = model(batch.concat())
+        else:
+            view = batch.aug1 if method == "augmix" else batch.orig
+            if view is None:
+                raise TrainError(f"method {method!r} got a batch without its view")
+            logits = model(view)
+    logits = logits.float()  # the loss in float32, also under autocast
+    if method == "augmix+jsd":
+        return jsd_loss(*split_views(logits), batch.target, lam=jsd_lambda)
+    return F.cross_entropy(logits, batch.target)
+
+
+def train(
+    loader: RemoteAugMixLoader,
+    model: nn.Module,
+    *,
+    method: str = "augmix+jsd",
+    epochs: int = 100,
+    max_steps: int | None = None,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    jsd_lambda: float = 12.0,
+    device: str | torch.device = "cpu",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    checkpoint_meta: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    bar: bool | None = None,
+    log_every: int = 50,
+    index_log: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``loader``'s stream with ``method`` (one of :data:`METHODS`).
+
+    SGD (nesterov) with the per-step cosine schedule over ``epochs * len(loader)`` steps;
+    ``max_steps`` stops early (the schedule is unchanged, so a run can be continued). The
+    model is moved to ``device`` (channels_last + autocast on CUDA) and wrapped in
+    DistributedDataParallel when torch.distributed runs more than one process.
+
+    ``checkpoint`` is saved every ``checkpoint_every`` steps (0: only at the end) and at the
+    end, on rank 0; ``checkpoint_meta`` (model_name, num_classes, args) is stored with it.
+    ``resume`` continues from it when the file exists. ``progress``: print (rank 0 only) a tqdm
+    bar per epoch when ``bar`` (default: stderr is a terminal), else a line every
+    ``log_every`` steps, and a summary line at the end. ``index_log``: a folder where each
+    rank appends the dataset indices it trained on (``rank{R}.txt``, one line per batch:
+    epoch, then the indices), to audit sharding and resumption.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    check_method(loader.config, method, loader.address)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    rank, world_size = _world()
+    meta = dict(checkpoint_meta or {})
+    path = Path(checkpoint) if checkpoint is not None else None
+
+    model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=True)
+    steps_per_epoch = len(loader)
+    total_steps = epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, total_steps, lr)
+    autocast: Any = contextlib.nullcontext()  # CPU: plain float32
+    amp_dtype = None
+    if cuda:  # bfloat16 where the GPU has it, else float16 with loss scaling
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step = start_epoch = 0
+    if resume and path is not None and path.exists():
+        state = load_checkpoint(path)
+        _check_resumable(state, method, meta, path, world_size)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loaders"][rank])
+        _set_rng_state(state["rng"])
+        step, start_epoch = int(state["step"]), int(state["epoch"])
+        if rank == 0 and progress:
+            print(f"resumed from {path}: step {step}, epoch {start_epoch + 1}", flush=True)
+    elif resume and rank == 0 and progress:
+        print(f"no checkpoint at {path}: starting from scratch", flush=True)
+
+    net: nn.Module = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None
+        )
+
+    def save() -> None:
+        if path is None:
+            return
+        loaders = [loader.state_dict()]
+        if world_size > 1:  # a collective: every rank checkpoints at the same steps
+            loaders = [None] * world_size  # type: ignore[list-item]
+            dist.all_gather_object(loaders, loader.state_dict())
+        if rank != 0:
+            return
+        job = loader.config
+        _save_atomic({
+            **meta,
+            "model": model.state_dict(), "mean": tuple(job.mean), "std": tuple(job.std),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "loader": loaders[rank], "loaders": loaders, "epoch": loader.epoch, "step": step,
+            "method": method, "rng": _rng_state(),
+        }, path)  # fmt: skip
+
+    stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
+    show = progress and rank == 0
+    reporter = _Progress(show, sys.stderr.isatty() if bar is None else bar, log_every, stop_at)
+    meter = _Meter(world_size)
+    first_step = step
+    indices = _index_file(index_log, rank)
+    start = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, epochs):
+            if step >= stop_at:
+                break
+            loader.set_epoch(epoch)
+            net.train()
+            done = min(max(step - epoch * steps_per_epoch, 0), steps_per_epoch)
+            reporter.start_epoch(epoch, epochs, steps_per_epoch, done)
+            batches: Iterator[AugMixBatch] = iter(loader)
+            try:
+                while step < stop_at:
+                    t0 = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    t1 = time.perf_counter()
+                    loss = _forward_loss(net, batch, method, jsd_lambda, autocast)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    step += 1
+                    meter.add(t1 - t0, time.perf_counter() - t0, len(batch), loss)
+                    if indices is not None:
+                        indices.write(f"{epoch} {' '.join(map(str, batch.index.tolist()))}\n")
+                    reporter.step(step, meter)
+                    if checkpoint_every and step % checkpoint_every == 0 and step < stop_at:
+                        save()
+            finally:
+                batches.close()  # type: ignore[attr-defined]
+                reporter.end_epoch()
+        save()
+    finally:
+        if indices is not None:
+            indices.close()
+    result = TrainResult(
+        steps=step - first_step, last_step=step, epoch=loader.epoch, samples=meter.samples,
+        seconds=time.perf_counter() - start, losses=meter.loss_values(),
+        data_wait=meter.wait / meter.time if meter.time > 0 else 0.0,
+    )
+    if show:
+        print(f"done: {result.steps} steps ({result.last_step} in all) in {result.seconds:.1f} s, "
+              f"{result.samples_per_second:.1f} samples/s, final loss {result.final_loss:.4f}, "
+              f"mean data-wait {result.data_wait:.0%}", flush=True)
+    return result
+
+
+def _check_resumable(
+    state: Mapping[str, Any], method: str, meta: Mapping[str, Any], path: Path, world_size: int
+) -> None:
+    if state.get("method") != method:
+        raise TrainError(f"{path} was trained with method {state.get('method')!r}, "
+                         f"this run is {method!r}")
+    for key in ("model_name", "num_classes"):
+        if key in meta and state.get(key) != meta[key]:
+            raise TrainError(f"{path} holds {key} {state.get(key)!r}, this run has {meta[key]!r}")
+    if len(state["loaders"]) != world_size:
+        raise TrainError(f"{path} was written by {len(state['loaders'])} ranks, this run has "
+                         f"{world_size}; resume with the same number of processes")
+
+
+def _index_file(folder: str | os.PathLike[str] | None, rank: int) -> TextIO | None:
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"rank{rank}.txt", "a")  # closed by train()
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate_npz(
+    model: nn.Module, npz: str | os.PathLike[str], *, method: str, mean: tuple[float, ...],
+    std: tuple[float, ...], cache_dir: str | os.PathLike[str], device: torch.device,
+    results: str | os.PathLike[str] | None = None, seed: int = 0,
+) -> dict[str, Any]:
+    """Robustness evaluation of ``model`` on the test set in ``npz`` (clean and corrupted):
+    print the table, write ``results`` JSON when given, return ``{method: result}``."""
+    from client.evaluate import evaluate, format_table, write_json
+
+    with np.load(npz, allow_pickle=False) as data:
+        x, y = data["x"], data["y"]
+    model.eval()
+    result = {method: evaluate(model, x, y, mean=mean, std=std, cache_dir=cache_dir,
+                               device=str(device), seed=seed)}
+    print(format_table(result), flush=True)
+    if results is not None:
+        write_json(result, results)
+        print(f"results written to {results}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def _dataset_arg(text: str) -> tuple[str, str]:
+    fmt, sep, path = text.partition(":")
+    if not sep or fmt not in FORMATS or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}, got {text!r}"
+        )
+    return fmt, path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m client.train`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m client.train", description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = p.add_argument_group("data").add_mutually_exclusive_group(required=True)
+    source.add_argument("--connect", metavar="tcp://HOST:PORT", help="a running dispatcher")
+    source.add_argument("--dataset", type=_dataset_arg, metavar="FORMAT:PATH",
+                        help=f"start a local dispatcher on this dataset ({', '.join(FORMATS)})")
+    local = p.add_argument_group("local dispatcher (with --dataset)")
+    local.add_argument("--workers", type=_positive, default=2, help="local worker processes")
+    local.add_argument("--batch-size", type=_positive, default=None,
+                       help="batch size per rank [128]; with --connect the job's")
+    local.add_argument("--preprocess", choices=tuple(PREPROCESSING), default=None,
+                       help="[cifar for cifar10/100, else imagenet]")
+    local.add_argument("--severity", type=int, default=None,
+                       help="AugMix severity [3 with cifar, 1 with imagenet]")
+    local.add_argument("--server-log-level", default="WARNING", help="the dispatcher's log level")
+    method = p.add_argument_group("method").add_mutually_exclusive_group()
+    method.add_argument("--no-jsd", action="store_true",
+                        help="one AugMix view per sample, cross-entropy (method augmix)")
+    method.add_argument("--standard", action="store_true",
+                        help="no AugMix: plain preprocessing, cross-entropy (method standard)")
+    opt = p.add_argument_group("model and optimisation")
+    opt.add_argument("--model", choices=MODELS, default="wrn40_2")
+    opt.add_argument("--num-classes", type=_positive, default=None,
+                     help="[from the dataset: 10 for cifar10, read from npz/imagefolder]")
+    opt.add_argument("--epochs", type=_positive, default=100)
+    opt.add_argument("--max-steps", "--steps", dest="max_steps", type=_positive, default=None,
+                     help="stop after this many steps in all (smoke runs; the schedule still "
+                          "spans --epochs)")
+    opt.add_argument("--lr", type=float, default=0.1)
+    opt.add_argument("--weight-decay", type=float, default=5e-4)
+    opt.add_argument("--jsd-lambda", type=float, default=12.0)
+    opt.add_argument("--seed", type=int, default=0, help="model init (and the local job's seed)")
+    opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opt.add_argument("--ordered", action="store_true",
+                     help="batches in plan order: a bit-for-bit reproducible input stream")
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint", metavar="PATH", default=None)
+    ckpt.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
+                      help="0: only at the end")
+    ckpt.add_argument("--resume", action="store_true",
+                      help="continue from --checkpoint when it exists")
+    ev = p.add_argument_group("evaluation (rank 0, at the end)")
+    ev.add_argument("--eval-npz", metavar="TEST.npz", default=None,
+                    help="x: N x H x W x 3 uint8 test images, y: labels")
+    ev.add_argument("--eval-cache", metavar="DIR", default=None,
+                    help="corrupted test sets cache [TEST.npz's folder/corrupted]")
+    ev.add_argument("--results", metavar="JSON", default=None)
+    out = p.add_argument_group("output")
+    out.add_argument("--no-progress", action="store_true",
+                     help="a line every --log-every steps instead of a tqdm bar")
+    out.add_argument("--log-every", type=_positive, default=50, metavar="STEPS")
+    out.add_argument("--index-log", metavar="DIR", default=None,
+                     help="each rank appends the dataset indices it trained on to DIR/rankR.txt")
+    return p
+
+
+def _method(args: argparse.Namespace) -> str:
+    return "standard" if args.standard else "augmix" if args.no_jsd else "augmix+jsd"
+
+
+def _setup_device(name: str) -> torch.device:
+    """The device, after joining the process group when torchrun runs several processes."""
+    device = torch.device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m client.train``; returns the exit status (2 for a usage or job error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    method = _method(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.connect is None:
+        parser.error("under torchrun (WORLD_SIZE > 1) pass --connect tcp://HOST:PORT: all ranks "
+                     "share one dispatcher (start it with `augserver serve`)")
+    if args.connect is not None and args.batch_size is not None:
+        parser.error("--batch-size needs --dataset: with --connect the dispatcher's job sets it")
+    if args.resume and args.checkpoint is None:
+        parser.error("--resume needs --checkpoint PATH")
+    device = _setup_device(args.device)
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.connect is not None:
+                address = args.connect
+            else:
+                fmt, path = args.dataset
+                job = job_config(fmt, path, method=method, batch_size=args.batch_size or 128,
+                                 seed=args.seed, preprocess=args.preprocess,
+                                 severity=args.severity)
+                address = stack.enter_context(
+                    local_server(job, args.workers, log_level=args.server_log_level))
+            return _run(args, method, address, device)
+    except (TrainError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, method: str, address: str, device: torch.device) -> int:
+    cuda = device.type == "cuda"
+    loader = RemoteAugMixLoader(address, ordered=args.ordered, device=device, channels_last=cuda)
+    job = loader.config
+    check_method(job, method, address)
+    rank, world_size = _world()
+    num_classes = args.num_classes or infer_num_classes(job)
+    if rank == 0:
+        print(f"{method} on {job.dataset.format}:{job.dataset.path} from {address}: "
+              f"{args.model} ({num_classes} classes), {len(loader)} batches/epoch of "
+              f"{job.batch_size} x {world_size} rank(s), {args.epochs} epochs, {device}",
+              flush=True)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, num_classes)
+    meta = {"model_name": args.model, "num_classes": num_classes, "args": vars(args)}
+    train(loader, model, method=method, epochs=args.epochs, max_steps=args.max_steps,
+          lr=args.lr, weight_decay=args.weight_decay, jsd_lambda=args.jsd_lambda,
+          device=device, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+          resume=args.resume, checkpoint_meta=meta, bar=False if args.no_progress else None,
+          log_every=args.log_every, index_log=args.index_log)
+    if args.eval_npz is not None and rank == 0:
+        cache = args.eval_cache or Path(args.eval_npz).resolve().parent / "corrupted"
+        evaluate_npz(model, args.eval_npz, method=method, mean=job.mean, std=job.std,
+                     cache_dir=cache, device=device, results=args.results, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The example trainer (``client.train``), its models and its local dispatcher, end to end on
+tiny data: every method through a local server, exact resumption from a checkpoint, a job that
+does not match the method, and a two-process torchrun (gloo, CPU) run."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.local_server import local_server
+from client.models import MODELS, build_model
+from client.train import METHODS, cosine_lr_factor, job_config, load_checkpoint, main
+from client.train import make_scheduler as make_cosine
+
+from .service_helpers import make_npz
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "small_cnn", "--no-progress", "--log-every", "1", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 random 32x32 images: 3 batches of 16 per epoch."""
+    return make_npz(tmp_path_factory.mktemp("train-data"), n=48)
+
+
+@pytest.fixture(scope="module")
+def jsd_server(data: Path) -> Iterator[str]:
+    """One dispatcher (JSD job, batch 16, CIFAR preprocessing) shared by the --connect tests."""
+    job = job_config("npz", data, method="augmix+jsd", batch_size=16, seed=3, preprocess="cifar")
+    with local_server(job, workers=1) as address:
+        yield address
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(("name", "params"), [("wrn40_2", 2_243_546), ("resnet18", 11_173_962)])
+def test_reference_models_have_the_published_sizes(name: str, params: int) -> None:
+    model = build_model(name, 10)
+    assert sum(p.numel() for p in model.parameters()) == params  # ~2.2M and ~11.2M
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_small_cnn_and_bad_names() -> None:
+    assert build_model("small_cnn", 7)(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
+    with pytest.raises(ValueError, match="wrn40_2, resnet18, small_cnn"):
+        build_model("resnet50", 10)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("small_cnn", 0)
+    assert MODELS == ("wrn40_2", "resnet18", "small_cnn")
+
+
+def test_wrn_init_follows_the_reference() -> None:
+    torch.manual_seed(0)
+    model = build_model("wrn40_2", 10)
+    conv = model.block2[0].conv1  # 3x3, 64 outputs: std sqrt(2 / (9 * 64))
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.05)
+    assert torch.all(model.fc.bias == 0) and torch.all(model.bn1.weight == 1)
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def test_cosine_schedule_per_step() -> None:
+    lr, total = 0.1, 40
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = make_cosine(optimizer, total, lr)
+    seen = []
+    for _ in range(total + 1):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    floor = 1e-6 / lr
+    expected = [lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / total)))
+                for s in range(total + 1)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[0] == pytest.approx(lr) and seen[total // 2] == pytest.approx(lr / 2, rel=1e-4)
+    assert seen[-1] == pytest.approx(1e-6)
+    assert cosine_lr_factor(0, 10, 0.0) == 1.0 and cosine_lr_factor(10, 10, 0.0) == 0.0
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_through_a_local_server(
+    method: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flag = {"augmix+jsd": [], "augmix": ["--no-jsd"], "standard": ["--standard"]}[method]
+    ckpt = tmp_path / "ck.pt"
+    status = main(["--dataset", f"npz:{data}", "--workers", "1", "--batch-size", "16",
+                   "--preprocess", "cifar", "--max-steps", "3", "--checkpoint", str(ckpt),
+                   *TINY, *flag])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"{method} on npz:" in out and "3 batches/epoch of 16" in out
+    assert "done: 3 steps" in out and "samples/s" in out and "data-wait" in out
+    state = load_checkpoint(ckpt)
+    assert state["method"] == method and state["step"] == 3
+    assert state["model_name"] == "small_cnn" and state["num_classes"] == 10
+    assert state["mean"] == (0.5, 0.5, 0.5) and state["std"] == (0.5, 0.5, 0.5)
+    assert state["loader"] == state["loaders"][0] and state["loader"]["epoch"] == 0
+    model = build_model("small_cnn", 10)
+    model.load_state_dict(state["model"])  # the evaluation CLI's way back
+    assert not list(tmp_path.glob(".*tmp*")), "a temporary checkpoint was left behind"
+
+
+def test_resume_gives_exactly_the_uninterrupted_run(jsd_server: str, tmp_path: Path) -> None:
+    common = ["--connect", jsd_server, "--ordered", "--seed", "5", "--checkpoint-every", "0",
+              *TINY]  # fmt: skip
+    whole, split = tmp_path / "whole.pt", tmp_path / "split.pt"
+    assert main([*common, "--max-steps", "4", "--checkpoint", str(whole),
+                 "--index-log", str(tmp_path / "whole")]) == 0  # fmt: skip
+    assert main([*common, "--max-steps", "2", "--checkpoint", str(split),
+                 "--index-log", str(tmp_path / "split")]) == 0  # fmt: skip
+    middle = load_checkpoint(split)
+    # stopped inside epoch 0 (3 batches): the loader's state says which batches are consumed
+    assert middle["epoch"] == 0 and middle["loader"]["consumed"] == [[0, 2]]
+    assert main([*common, "--max-steps", "4", "--checkpoint", str(split), "--resume",
+                 "--index-log", str(tmp_path / "split")]) == 0  # fmt: skip
+
+    a, b = load_checkpoint(whole), load_checkpoint(split)
+    assert a["step"] == b["step"] == 4 and a["epoch"] == b["epoch"] == 1
+    assert a["model"].keys() == b["model"].keys()
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                    strict=True):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    assert a["loader"] == b["loader"]
+    # the same batches in the same order: no replay and no gap across the restart
+    whole_log = (tmp_path / "whole" / "rank0.txt").read_text().splitlines()
+    assert (tmp_path / "split" / "rank0.txt").read_text().splitlines() == whole_log
+    assert len(whole_log) == 4 and len({i for line in whole_log[:3]
+                                        for i in line.split()[1:]}) == 48
+
+
+def test_no_jsd_against_a_jsd_job_is_a_clear_error(
+    jsd_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--connect", jsd_server, "--no-jsd", "--max-steps", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--no-jsd" in err and "jsd: false" in err and "jsd: true" in err
+    assert jsd_server in err
+    with pytest.raises(SystemExit):
+        main(["--connect", jsd_server, "--batch-size", "8"])  # the job owns the batch size
+
+
+def test_torchrun_two_ranks_on_gloo(jsd_server: str, tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "client.train",
+         "--connect", jsd_server, "--epochs", "1", "--model", "small_cnn", "--no-progress",
+         "--checkpoint", str(tmp_path / "ck.pt"), "--index-log", str(tmp_path / "idx")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,  # generous: 2 x torch
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x 2 rank(s)" in proc.stdout and proc.stdout.count("done:") == 1  # rank 0 prints
+    seen = []
+    for rank in (0, 1):
+        lines = (tmp_path / "idx" / f"rank{rank}.txt").read_text().splitlines()
+        assert len(lines) == 2  # 24 samples per rank: batches of 16 and 8
+        seen.append({int(i) for line in lines for i in line.split()[1:]})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(48))
+    state = load_checkpoint(tmp_path / "ck.pt")
+    assert [s["rank"] for s in state["loaders"]] == [0, 1] and state["step"] == 2
+    assert not any(k.startswith("module.") for k in state["model"])  # unwrapped from DDP
+
+
+def test_torchrun_needs_connect(data: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["--dataset", f"npz:{data}"])
+    assert "--connect" in capsys.readouterr().err
+
+
+def test_eval_hook_writes_results(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    evaluate = pytest.importorskip("client.evaluate")
+    calls = {}
+
+    def small_evaluate(*args, **kwargs):  # 1 corruption x 1 severity keeps this fast
+        calls.update(kwargs)
+        return real(*args, names=("gaussian_noise",), severities=(1,), **kwargs)
+
+    real = evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", small_evaluate)
+    rng = np.random.default_rng(0)
+    test_npz = tmp_path / "test.npz"
+    np.savez(test_npz, x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             y=np.arange(20) % 10)
+    results = tmp_path / "results.json"
+    status = main(["--dataset", f"npz:{data}", "--workers", "1", "--batch-size", "16",
+                   "--preprocess", "cifar", "--standard", "--max-steps", "1",
+                   "--eval-npz", str(test_npz), "--eval-cache", str(tmp_path / "cache"),
+                   "--results", str(results), *TINY])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "standard" in out and "mCE %" in out and "gaussian_noise" in out
+    assert calls["mean"] == (0.5, 0.5, 0.5) and calls["cache_dir"] == str(tmp_path / "cache")
+    assert '"standard"' in results.read_text()

@@ -267,7 +267,7 @@ def _check_arrays(
         dtype, shape = _description(description)
         if dtype is None:
             raise ProtocolError(f"{mtype}: array {i} is badly described: {description!r:.60}")
-        size = _buffer(frame).nbytes
+        size = _nbytes(frame)
         expected = math.prod(shape) * dtype.itemsize
         if size != expected:
             raise ProtocolError(
@@ -290,6 +290,13 @@ def _description(description: Any) -> tuple[np.dtype | None, tuple[int, ...]]:
         if type(extent) is not int or extent < 0:
             return None, ()
     return dtype, tuple(shape)
+
+
+def _nbytes(frame: Any) -> int:
+    """The size in bytes of a ``zmq.Frame``, ``bytes`` or buffer."""
+    if isinstance(frame, bytes | bytearray) or hasattr(frame, "buffer"):
+        return len(frame)  # zmq.Frame: its size, without making a memoryview
+    return _buffer(frame).nbytes
 
 
 def _buffer(frame: Any) -> memoryview:

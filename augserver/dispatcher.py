@@ -524,18 +524,20 @@ class Dispatcher:
     # ------------------------------------------------------------------ scheduling
 
     def _schedule(self) -> None:
-        """Assign tasks while some worker has a free slot and some stream may take one."""
-        while self.streams:
-            worker = max(
-                (p for p in self.peers.values() if p.role == "worker" and p.free > 0),
-                key=lambda p: p.free, default=None,
-            )
-            if worker is None:
-                return
-            stream = self._next_stream()
-            if stream is None:
-                return
-            self._assign(worker, stream)
+        """Assign tasks while some worker has a free slot and some stream may take one: one
+        task per worker per round, the workers with the most free slots first."""
+        if not self.streams:
+            return
+        idle = sorted((p for p in self.peers.values() if p.role == "worker" and p.free > 0),
+                      key=lambda p: p.free, reverse=True)
+        while idle:
+            for worker in idle:
+                stream = self._next_stream()
+                if stream is None:
+                    return
+                self._assign(worker, stream)
+            # a worker found unreachable by _assign was forgotten (its tasks re-queued)
+            idle = [w for w in idle if w.free > 0 and self.peers.get(w.ident) is w]
 
     def _next_stream(self) -> Stream | None:
         streams = list(self.streams.values())

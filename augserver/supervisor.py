@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from augserver.worker import EXIT_FATAL
@@ -106,8 +106,7 @@ class Supervisor:
             slot.process = None
 
     def _spawn(self, slot: Slot) -> None:
-        preexec = _die_with_parent if sys.platform == "linux" else None
-        slot.process = subprocess.Popen(self.command, preexec_fn=preexec)
+        slot.process = subprocess.Popen(self.command, preexec_fn=dies_with_parent())
         slot.started = time.monotonic()
         log.info("started local worker %d (pid %d) -> %s", slot.number, slot.process.pid,
                  self.connect)
@@ -125,6 +124,12 @@ class Supervisor:
         slot.restart_at = now + slot.delay
         log.warning("local worker %d (pid %d) died with %s; restarting in %.1f s",
                     slot.number, pid, describe_exit(code), slot.delay)
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that has Linux send the child SIGTERM when
+    its parent dies (no orphans); None elsewhere."""
+    return _die_with_parent if sys.platform == "linux" else None
 
 
 def _die_with_parent() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,12 +44,7 @@ from augserver.datasets import open_dataset
 from augserver.status import request_status
 from augserver.transforms import preprocess
 from client.loader import RemoteAugMixLoader
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from client.local_server import free_port
 
 
 def photo_crops(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@
 It runs ``python -m augserver serve --config JOB --bind tcp://127.0.0.1:PORT --workers N`` in
 its own process group, waits until the dispatcher listens (or raises with its exit status
 when it dies first), and on exit terminates it (SIGTERM, then SIGKILL to the whole group).
+On Linux the dispatcher also gets SIGTERM when the process that started it dies.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from augserver.config import config_from_dict
+from augserver.supervisor import dies_with_parent
 
 __all__ = ["free_port", "local_server"]
 
@@ -98,7 +100,7 @@ def local_server(
         proc = subprocess.Popen(
             [sys.executable, "-m", "augserver", "serve", "--config", str(path), "--bind", address,
              "--workers", str(workers), "--log-level", log_level],
-            start_new_session=True,
+            start_new_session=True, preexec_fn=dies_with_parent(),
         )  # fmt: skip
         try:
             _wait_listening(proc, port, _START_TIMEOUT)

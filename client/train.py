@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -649,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint PATH")
     device = _setup_device(args.device)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with contextlib.ExitStack() as stack:
             if args.connect is not None:
@@ -665,8 +667,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (docker stop, torchrun, a batch scheduler) unwinds like Ctrl-C: the local
+    dispatcher is stopped on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def _run(args: argparse.Namespace, method: str, address: str, device: torch.device) -> int:

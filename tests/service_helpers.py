@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from augserver.dispatcher import Dispatcher
 from augserver.security import ClientKeys
 from augserver.status import request_status
 from augserver.worker import run_worker
+from client.local_server import free_port as free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_LIMITS = {"heartbeat_interval": 0.2, "heartbeat_misses": 3, "worker_slots": 2}
@@ -82,13 +82,6 @@ def write_config(folder: Path, dataset: Path, fmt: str = "npz", **keys: Any) -> 
 def job(folder: Path, dataset: Path, fmt: str = "npz", **keys: Any) -> JobConfig:
     """The validated config of :func:`write_config`."""
     return load_config(write_config(folder, dataset, fmt, **keys))
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (bind to port 0, then release it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- processes

@@ -4,8 +4,12 @@ does not match the method, and a two-process torchrun (gloo, CPU) run."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +24,7 @@ from client.models import MODELS, build_model
 from client.train import METHODS, cosine_lr_factor, job_config, load_checkpoint, main
 from client.train import make_scheduler as make_cosine
 
-from .service_helpers import make_npz
+from .service_helpers import make_npz, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "small_cnn", "--no-progress", "--log-every", "1", "--epochs", "3"]
@@ -216,3 +220,51 @@ def test_eval_hook_writes_results(
     assert "standard" in out and "mCE %" in out and "gaussian_noise" in out
     assert calls["mean"] == (0.5, 0.5, 0.5) and calls["cache_dir"] == str(tmp_path / "cache")
     assert '"standard"' in results.read_text()
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.skipif(sys.platform != "linux", reason="PDEATHSIG is Linux's")
+def test_a_stopped_trainer_takes_its_local_dispatcher_with_it(
+    data: Path, how: signal.Signals
+) -> None:
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "client.train", "--dataset", f"npz:{data}", "--workers", "1",
+         "--preprocess", "cifar", "--batch-size", "16", *TINY[:-1], "1000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    serving: list[int] = []
+    try:
+        assert trainer.stdout is not None
+        first = trainer.stdout.readline()  # printed once the dispatcher answered
+        port = int(re.search(r"tcp://127\.0\.0\.1:(\d+)", first)[1])
+        serving = [p for p in _children(trainer.pid) if "serve" in _cmdline(p)]
+        assert serving, "the trainer started no dispatcher"
+        trainer.send_signal(how)
+        assert trainer.wait(30) == (143 if how == signal.SIGTERM else -signal.SIGKILL)
+        wait_for(lambda: not any(_alive(p) for p in serving), 20, "the dispatcher to stop")
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "something still listens"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+        for pid in serving:  # when the test failed: no orphans either way
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie has stopped (its parent reaps it later)

@@ -17,7 +17,8 @@ nesterov momentum 0.9, lr 0.1 with the reference's per-step cosine decay (Lambda
 
 With ``--dataset FORMAT:PATH`` the trainer starts its own dispatcher with ``--workers`` local
 workers (``client.local_server``) and writes the job: the method's ``augment``/``jsd``,
-``--batch-size``, ``--seed``, ``--preprocess``, ``--severity``. With ``--connect`` the job
+``--batch-size``, ``--seed``, ``--preprocess`` (default: cifar for CIFAR and for an npz of
+images <= 64 px), ``--severity``. With ``--connect`` the job
 is the dispatcher's (batch size included) and must match the method, else it is an error
 naming both.
 
@@ -58,6 +59,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -577,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--batch-size", type=_positive, default=None,
                        help="batch size per rank [128]; with --connect the job's")
     local.add_argument("--preprocess", choices=tuple(PREPROCESSING), default=None,
-                       help="[cifar for cifar10/100, else imagenet]")
+                       help="[cifar for cifar10/100 and for npz of images <= 64 px, else "
+                            "imagenet]")
     local.add_argument("--severity", type=int, default=None,
                        help="AugMix severity [3 with cifar, 1 with imagenet]")
     local.add_argument("--server-log-level", default="WARNING", help="the dispatcher's log level")
@@ -658,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 fmt, path = args.dataset
                 job = job_config(fmt, path, method=method, batch_size=args.batch_size or 128,
-                                 seed=args.seed, preprocess=args.preprocess,
+                                 seed=args.seed,
+                                 preprocess=args.preprocess or _small_image_preprocess(fmt, path),
                                  severity=args.severity)
                 address = stack.enter_context(
                     local_server(job, args.workers, log_level=args.server_log_level))
@@ -670,6 +674,26 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _small_image_preprocess(fmt: str, path: str) -> str | None:
+    """``cifar`` for an npz of images of at most 64 pixels a side (the job's own default,
+    ImageNet's 224 crops, would upscale them 7x); None (the job's default) otherwise."""
+    if fmt != "npz":
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape = read(member)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None  # the dispatcher reports what is wrong with the file
+    if len(shape) >= 3 and max(shape[1:3]) <= 64:
+        print(f"{path}: {shape[1]}x{shape[2]} images: preprocess cifar (32x32 crops; "
+              "--preprocess imagenet for 224x224)", flush=True)
+        return "cifar"
+    return None
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

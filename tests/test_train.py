@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,14 @@ import torch
 
 from client.local_server import local_server
 from client.models import MODELS, build_model
-from client.train import METHODS, cosine_lr_factor, job_config, load_checkpoint, main
+from client.train import (
+    METHODS,
+    _small_image_preprocess,
+    cosine_lr_factor,
+    job_config,
+    load_checkpoint,
+    main,
+)
 from client.train import make_scheduler as make_cosine
 
 from .service_helpers import make_npz, wait_for
@@ -268,3 +276,16 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "State:\tZ" not in status  # a zombie has stopped (its parent reaps it later)
+
+
+def test_small_npz_images_get_cifar_preprocessing(tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small = make_npz(tmp_path / "small", n=4, side=32)
+    large = make_npz(tmp_path / "large", n=2, side=96)
+    assert _small_image_preprocess("npz", str(small)) == "cifar"
+    assert "32x32 images: preprocess cifar" in capsys.readouterr().out
+    assert _small_image_preprocess("npz", str(large)) is None  # the job's default: imagenet
+    assert _small_image_preprocess("imagefolder", str(small)) is None
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert _small_image_preprocess("npz", str(tmp_path / "broken.npz")) is None

@@ -133,6 +133,20 @@ def cifar_train(image: Source, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def cifar_eval(image: Source) -> np.ndarray:
+    """The evaluation view for CIFAR preprocessing: the centre 32 x 32 window, zero-padded
+    where the image is smaller (the deterministic centre of ``RandomCrop(32, padding=4)``):
+    CIFAR's own 32 x 32 test images unchanged."""
+    src = _as_rgb_array(image)
+    height, width = src.shape[:2]
+    out = np.zeros((CIFAR_CROP, CIFAR_CROP, 3), np.uint8)
+    y0, x0 = (height - CIFAR_CROP) // 2, (width - CIFAR_CROP) // 2
+    top, left = max(y0, 0), max(x0, 0)
+    patch = src[top : min(y0 + CIFAR_CROP, height), left : min(x0 + CIFAR_CROP, width)]
+    out[top - y0 : top - y0 + patch.shape[0], left - x0 : left - x0 + patch.shape[1]] = patch
+    return out
+
+
 # ---------------------------------------------------------------------------- ImageNet
 
 
@@ -248,6 +262,13 @@ def imagenet_eval(source: Source, size: int = 224, resize: int = 256) -> np.ndar
 # ---------------------------------------------------------------------------- dispatch
 
 PREPROCESS: dict[str, Preprocess] = {"cifar": cifar_train, "imagenet": imagenet_train}
+
+
+EVAL_PREPROCESS: dict[str, Callable[[Source], np.ndarray]] = {
+    "cifar": cifar_eval,
+    "imagenet": imagenet_eval,
+}
+"""The deterministic test-time view of each preprocessing."""
 
 
 def preprocess(name: str, source: Source, rng: np.random.Generator) -> np.ndarray:

@@ -25,8 +25,9 @@ naming both.
 Checkpoints (``--checkpoint PATH``, every ``--checkpoint-every`` steps and at the end, written
 to a temporary file and renamed) are one ``torch.save`` dict: ``model`` (state_dict, unwrapped
 from DDP), ``model_name``, ``num_classes``, ``mean``, ``std`` (the job's normalisation),
-``optimizer``, ``scheduler``, ``scaler`` (fp16 only, else None), ``loader`` (this rank's
-``RemoteAugMixLoader.state_dict()``), ``loaders`` (every rank's, in rank order), ``epoch``,
+``preprocess`` (the job's, for the test-time view), ``optimizer``, ``scheduler``, ``scaler``
+(fp16 only, else None), ``loader`` (this rank's ``RemoteAugMixLoader.state_dict()``),
+``loaders`` (every rank's, in rank order), ``epoch``,
 ``step``, ``method``, ``args`` and ``rng`` (torch's CPU and CUDA generator states). Only plain
 types and tensors: it loads with ``torch.load(path, weights_only=True)``. ``--resume`` continues
 exactly where it was taken: same weights, optimizer and schedule, and the loader resumes
@@ -45,9 +46,11 @@ hangs. Under torchrun ``--connect`` is required: one dispatcher serves all ranks
 would be unreachable from other nodes and would die with rank 0. Rank 0 alone prints
 progress, saves checkpoints and evaluates; every rank's loader state goes into the checkpoint.
 
-``--eval-npz TEST.npz`` (``x``: N x H x W x 3 uint8 at the training resolution, ``y``: labels)
-evaluates the final model on rank 0 with ``client.evaluate`` (clean and corrupted test sets,
-corrupted sets cached in ``--eval-cache``), prints the table and writes ``--results`` JSON.
+``--eval-test SOURCE`` (an ``.npz`` of ``x``: N x H x W x 3 uint8 at the training resolution
+and ``y``: labels, or ``FORMAT:PATH`` of a dataset's test split, seen through the job's
+test-time preprocessing; ``--eval-limit N`` takes a seeded subset) evaluates the final model on
+rank 0 with ``client.evaluate`` (clean and corrupted test sets, corrupted sets cached in
+``--eval-cache``), prints the table and writes ``--results`` JSON.
 """
 
 from __future__ import annotations
@@ -439,6 +442,7 @@ def train(
         _save_atomic({
             **meta,
             "model": model.state_dict(), "mean": tuple(job.mean), "std": tuple(job.std),
+            "preprocess": job.preprocess,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "loader": loaders[rank], "loaders": loaders, "epoch": loader.epoch, "step": step,
@@ -524,17 +528,17 @@ def _index_file(folder: str | os.PathLike[str] | None, rank: int) -> TextIO | No
 # ---------------------------------------------------------------------------- evaluation
 
 
-def evaluate_npz(
-    model: nn.Module, npz: str | os.PathLike[str], *, method: str, mean: tuple[float, ...],
-    std: tuple[float, ...], cache_dir: str | os.PathLike[str], device: torch.device,
-    results: str | os.PathLike[str] | None = None, seed: int = 0,
+def evaluate_test_set(
+    model: nn.Module, source: str, *, method: str, preprocess: str, limit: int | None,
+    mean: tuple[float, ...], std: tuple[float, ...], cache_dir: str | os.PathLike[str],
+    device: torch.device, results: str | os.PathLike[str] | None = None, seed: int = 0,
 ) -> dict[str, Any]:
-    """Robustness evaluation of ``model`` on the test set in ``npz`` (clean and corrupted):
-    print the table, write ``results`` JSON when given, return ``{method: result}``."""
-    from client.evaluate import evaluate, format_table, write_json
+    """Robustness evaluation of ``model`` on a test set (clean and corrupted; ``source``, as
+    :func:`client.evaluate.load_test_set` takes it): print the table, write ``results`` JSON
+    when given, return ``{method: result}``."""
+    from client.evaluate import evaluate, format_table, load_test_set, write_json
 
-    with np.load(npz, allow_pickle=False) as data:
-        x, y = data["x"], data["y"]
+    x, y = load_test_set(source, preprocess, limit)
     model.eval()
     result = {method: evaluate(model, x, y, mean=mean, std=std, cache_dir=cache_dir,
                                device=str(device), seed=seed)}
@@ -611,10 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--resume", action="store_true",
                       help="continue from --checkpoint when it exists")
     ev = p.add_argument_group("evaluation (rank 0, at the end)")
-    ev.add_argument("--eval-npz", metavar="TEST.npz", default=None,
-                    help="x: N x H x W x 3 uint8 test images, y: labels")
+    ev.add_argument("--eval-test", "--eval-npz", dest="eval_test", metavar="SOURCE",
+                    default=None, help="an npz (x: N x H x W x 3 uint8, y: labels) or "
+                                       "FORMAT:PATH of a dataset's test split")
+    ev.add_argument("--eval-limit", type=_positive, default=None,
+                    help="evaluate a seeded random subset of this many test samples")
     ev.add_argument("--eval-cache", metavar="DIR", default=None,
-                    help="corrupted test sets cache [TEST.npz's folder/corrupted]")
+                    help="corrupted test sets cache [next to the test set, corrupted/]")
     ev.add_argument("--results", metavar="JSON", default=None)
     out = p.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true",
@@ -722,9 +729,11 @@ def _run(args: argparse.Namespace, method: str, address: str, device: torch.devi
           device=device, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
           resume=args.resume, checkpoint_meta=meta, bar=False if args.no_progress else None,
           log_every=args.log_every, index_log=args.index_log)
-    if args.eval_npz is not None and rank == 0:
-        cache = args.eval_cache or Path(args.eval_npz).resolve().parent / "corrupted"
-        evaluate_npz(model, args.eval_npz, method=method, mean=job.mean, std=job.std,
+    if args.eval_test is not None and rank == 0:
+        where = Path(args.eval_test.partition(":")[2] if ":" in args.eval_test else args.eval_test)
+        cache = args.eval_cache or where.resolve().parent / "corrupted"
+        evaluate_test_set(model, args.eval_test, method=method, preprocess=job.preprocess,
+                          limit=args.eval_limit, mean=job.mean, std=job.std,
                      cache_dir=cache, device=device, results=args.results, seed=args.seed)
     return 0
 

@@ -308,7 +308,53 @@ def test_cli_bad_files(tmp_path, capsys) -> None:
     torch.save({"model": {}}, ckpt)
     argv = ["--checkpoint", str(ckpt), "--test-npz", str(npz), "--cache", str(tmp_path)]
     assert E.main(argv) == 2
-    assert "needs arrays x" in capsys.readouterr().err
-    np.savez(npz, x=np.zeros((2, 8, 8, 3), np.uint8), y=np.zeros(2))
-    assert E.main(argv) == 2
     assert "lacks model_name, num_classes" in capsys.readouterr().err
+    model = build_model("small_cnn", 10)
+    torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10}, ckpt)
+    assert E.main(argv) == 2
+    assert "needs arrays x" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- test sets
+
+
+def test_load_test_set_from_an_npz_and_from_dataset_splits(tmp_path) -> None:
+    from tests.test_datasets import write_cifar10
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "test.npz", x=x, y=np.arange(12) % 10)
+    got_x, got_y = E.load_test_set(tmp_path / "test.npz")
+    assert np.array_equal(got_x, x) and got_y.dtype == np.int64
+    sub_x, sub_y = E.load_test_set(str(tmp_path / "test.npz"), limit=5)
+    rows = [next(i for i, r in enumerate(x) if np.array_equal(s, r)) for s in sub_x]
+    assert len(set(rows)) == 5 and sub_y.tolist() == [i % 10 for i in rows]
+    # CIFAR's test batch, through the CIFAR test-time view (the 32x32 images unchanged)
+    batches = write_cifar10(tmp_path / "cifar", x)
+    cx, cy = E.load_test_set(f"cifar10:{tmp_path / 'cifar'}")
+    assert np.array_equal(cx, batches[-1]) and cy.tolist() == [(5 + j) % 10 for j in range(12)]
+    # the ImageNet view: resize 256, centre crop 224
+    ix, _ = E.load_test_set(f"npz:{tmp_path / 'test.npz'}", preprocess="imagenet", limit=2)
+    assert ix.shape == (2, 224, 224, 3)
+    with pytest.raises(ValueError, match="needs arrays x"):
+        np.savez(tmp_path / "bad.npz", images=x)
+        E.load_test_set(tmp_path / "bad.npz")
+
+
+def test_cli_evaluates_a_dataset_test_split(tmp_path, capsys) -> None:
+    from tests.test_datasets import write_cifar10
+
+    write_cifar10(tmp_path / "cifar", np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3),
+                                                                         dtype=np.uint8))
+    model = build_model("small_cnn", 10)
+    torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10,
+                "mean": (0.5,) * 3, "std": (0.5,) * 3, "preprocess": "cifar"},
+               tmp_path / "ckpt.pt")  # fmt: skip
+    code = E.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--test",
+                   f"cifar10:{tmp_path / 'cifar'}", "--cache", str(tmp_path / "cache"),
+                   "--names", "fog", "--severities", "1", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["settings"]["num_images"] == 8
+    assert set(result["corruptions"]) == {"fog"}
+    assert "fog" in capsys.readouterr().out

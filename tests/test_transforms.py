@@ -13,7 +13,9 @@ import skimage.data
 from PIL import Image
 
 from augserver.transforms import (
+    EVAL_PREPROCESS,
     PREPROCESS,
+    cifar_eval,
     cifar_train,
     eval_resize,
     imagenet_eval,
@@ -395,3 +397,19 @@ def test_preprocess_dispatch(cifar_photo: np.ndarray) -> None:
     assert preprocess("imagenet", cifar_photo, np.random.default_rng(2)).shape == (224, 224, 3)
     with pytest.raises(ValueError, match=r"'svhn'.*cifar, imagenet"):
         preprocess("svhn", cifar_photo, np.random.default_rng(2))
+
+
+# ---------------------------------------------------------------------------- cifar_eval
+
+
+def test_cifar_eval_is_the_centre_of_the_padded_crop() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(cifar_eval(image), image)  # CIFAR's own test images: unchanged
+    big = rng.integers(0, 256, (40, 37, 3), dtype=np.uint8)
+    assert np.array_equal(cifar_eval(big), big[4:36, 2:34])
+    small = rng.integers(1, 256, (28, 30, 3), dtype=np.uint8)
+    out = cifar_eval(small)
+    assert np.array_equal(out[2:30, 1:31], small)
+    assert not out[:2].any() and not out[30:].any() and not out[:, :1].any()
+    assert EVAL_PREPROCESS["cifar"] is cifar_eval and EVAL_PREPROCESS["imagenet"] is imagenet_eval

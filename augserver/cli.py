@@ -226,7 +226,8 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -260,7 +261,7 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=_serve)
     worker = commands.add_parser("worker", help="run worker processes for a dispatcher")
     worker.add_argument("--connect", required=True, help="dispatcher address, tcp://HOST:PORT")
-    worker.add_argument("--procs", type=_positive_int, default=1, help="worker processes")
+    worker.add_argument("--procs", type=positive_int, default=1, help="worker processes")
     worker.set_defaults(run=_worker)
     keys = commands.add_parser("keys", help="generate a CURVE key pair")
     keys.add_argument("--out", required=True, help="directory to write the key files to")

@@ -434,7 +434,9 @@ def _subset(n: int, limit: int | None) -> np.ndarray | None:
 def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model on ``device``, checkpoint dict) from a ``client.train`` checkpoint: a dict with
     "model" (state_dict), "model_name", "num_classes", "mean" and "std"."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from client.train import load_checkpoint  # imported here: only the CLI needs the trainer
+
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a checkpoint dict")
     missing = [k for k in ("model", "model_name", "num_classes") if k not in ckpt]

@@ -75,6 +75,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from augserver.cli import positive_int
 from augserver.config import PREPROCESSING, ConfigError, JobConfig
 from augserver.datasets import FORMATS, DatasetError, open_dataset
 from client.loader import AugMixBatch, RemoteAugMixLoader
@@ -561,13 +562,6 @@ def _dataset_arg(text: str) -> tuple[str, str]:
     return fmt, path
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m client.train`` argument parser."""
     p = argparse.ArgumentParser(
@@ -579,8 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset", type=_dataset_arg, metavar="FORMAT:PATH",
                         help=f"start a local dispatcher on this dataset ({', '.join(FORMATS)})")
     local = p.add_argument_group("local dispatcher (with --dataset)")
-    local.add_argument("--workers", type=_positive, default=2, help="local worker processes")
-    local.add_argument("--batch-size", type=_positive, default=None,
+    local.add_argument("--workers", type=positive_int, default=2, help="local worker processes")
+    local.add_argument("--batch-size", type=positive_int, default=None,
                        help="batch size per rank [128]; with --connect the job's")
     local.add_argument("--preprocess", choices=tuple(PREPROCESSING), default=None,
                        help="[cifar for cifar10/100 and for npz of images <= 64 px, else "
@@ -595,10 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no AugMix: plain preprocessing, cross-entropy (method standard)")
     opt = p.add_argument_group("model and optimisation")
     opt.add_argument("--model", choices=MODELS, default="wrn40_2")
-    opt.add_argument("--num-classes", type=_positive, default=None,
+    opt.add_argument("--num-classes", type=positive_int, default=None,
                      help="[from the dataset: 10 for cifar10, read from npz/imagefolder]")
-    opt.add_argument("--epochs", type=_positive, default=100)
-    opt.add_argument("--max-steps", "--steps", dest="max_steps", type=_positive, default=None,
+    opt.add_argument("--epochs", type=positive_int, default=100)
+    opt.add_argument("--max-steps", "--steps", dest="max_steps", type=positive_int, default=None,
                      help="stop after this many steps in all (smoke runs; the schedule still "
                           "spans --epochs)")
     opt.add_argument("--lr", type=float, default=0.1)
@@ -618,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-test", "--eval-npz", dest="eval_test", metavar="SOURCE",
                     default=None, help="an npz (x: N x H x W x 3 uint8, y: labels) or "
                                        "FORMAT:PATH of a dataset's test split")
-    ev.add_argument("--eval-limit", type=_positive, default=None,
+    ev.add_argument("--eval-limit", type=positive_int, default=None,
                     help="evaluate a seeded random subset of this many test samples")
     ev.add_argument("--eval-cache", metavar="DIR", default=None,
                     help="corrupted test sets cache [next to the test set, corrupted/]")
@@ -626,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true",
                      help="a line every --log-every steps instead of a tqdm bar")
-    out.add_argument("--log-every", type=_positive, default=50, metavar="STEPS")
+    out.add_argument("--log-every", type=positive_int, default=50, metavar="STEPS")
     out.add_argument("--index-log", metavar="DIR", default=None,
                      help="each rank appends the dataset indices it trained on to DIR/rankR.txt")
     return p

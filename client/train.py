@@ -655,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --checkpoint PATH")
     device = _setup_device(args.device)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    completed = False
     try:
         with contextlib.ExitStack() as stack:
             if args.connect is not None:
@@ -667,14 +668,25 @@ def main(argv: list[str] | None = None) -> int:
                                  severity=args.severity)
                 address = stack.enter_context(
                     local_server(job, args.workers, log_level=args.server_log_level))
-            return _run(args, method, address, device)
+            status = _run(args, method, address, device)
+            completed = True
+            return status
     except (TrainError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_process_group(completed)
+
+
+def _leave_process_group(completed: bool) -> None:
+    """Destroy the process group, after a barrier when this rank completed: no rank tears its
+    connections down while another still uses them (rank 1 aborted in gloo's teardown once in
+    CI without it). After a failure, no barrier: the other ranks may never come."""
+    if dist.is_available() and dist.is_initialized():
+        if completed:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _small_image_preprocess(fmt: str, path: str) -> str | None:

@@ -1,8 +1,9 @@
 """Datasets the workers read: CIFAR-10/100 python batches, image folders and ``.npz`` arrays.
 
 Every dataset has the same small interface (:class:`Dataset`): ``len``, ``label(i)``,
-``path(i)`` (a human description of where sample ``i`` lives), ``read(i)`` (the source for
-:mod:`augserver.transforms`), ``load(i)`` (decoded RGB uint8) and ``sample(i, transform)``.
+``labels(indices)``, ``path(i)`` (a human description of where sample ``i`` lives),
+``read(i)`` (the source for :mod:`augserver.transforms`), ``load(i)`` (decoded RGB uint8) and
+``sample(i, transform)``. Labels are held in memory.
 A sample that cannot be read or decoded raises :class:`DatasetError` naming its path and index,
 never garbage. Nothing here imports torch, and nothing is ever unpickled beyond the numpy
 arrays, lists and strings that CIFAR batches contain.
@@ -64,13 +65,23 @@ class Dataset(ABC):
 
     classes: list[str]
     num_classes: int
+    _labels: np.ndarray
+    """Every sample's class index, in memory (int64, one per sample)."""
 
     @abstractmethod
     def __len__(self) -> int: ...
 
-    @abstractmethod
     def label(self, i: int) -> int:
         """Class index of sample ``i``."""
+        return int(self._labels[self._index(i)])
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        """Class indices (int64) of the samples ``indices``, in one array operation."""
+        indices = np.asarray(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            bad = indices[(indices < 0) | (indices >= len(self))][0]
+            raise IndexError(f"sample index {bad} out of range for a dataset of {len(self)}")
+        return self._labels[indices]
 
     @abstractmethod
     def path(self, i: int) -> str:
@@ -133,7 +144,7 @@ class ArrayDataset(Dataset):
     ) -> None:
         images.setflags(write=False)
         self._images = images
-        self._labels = labels
+        self._labels = labels.astype(np.int64, copy=False)
         self._files = [name for name, _ in sources]
         self._starts = np.cumsum([0] + [count for _, count in sources])
         self.num_classes = num_classes
@@ -141,10 +152,6 @@ class ArrayDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._images)
-
-    def label(self, i: int) -> int:
-        """Class index of sample ``i``."""
-        return int(self._labels[self._index(i)])
 
     def path(self, i: int) -> str:
         """``file[k]``: the file holding sample ``i`` and its position in that file."""
@@ -345,14 +352,11 @@ class ImageFolder(Dataset):
         # One fixed-width bytes array instead of a million Python strings: compact and
         # copy-on-write friendly in forked workers.
         self._files = np.array([os.fsencode(f) for files in per_class for f in files], np.bytes_)
-        self._labels = np.repeat(np.arange(len(classes)), [len(f) for f in per_class])
+        counts = [len(f) for f in per_class]
+        self._labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
 
     def __len__(self) -> int:
         return len(self._files)
-
-    def label(self, i: int) -> int:
-        """Class index of sample ``i``."""
-        return int(self._labels[self._index(i)])
 
     def path(self, i: int) -> str:
         """Full path of sample ``i``'s file."""

@@ -413,10 +413,9 @@ def load_test_set(
         raise ValueError(f"unknown preprocessing {name!r}; valid: {', '.join(EVAL_PREPROCESS)}")
     dataset = open_dataset(fmt, path, train=False)
     keep = _subset(len(dataset), limit)
-    indices = range(len(dataset)) if keep is None else keep.tolist()
-    x = np.stack([dataset.sample(i, view) for i in indices])
-    y = np.array([dataset.label(i) for i in indices], np.int64)
-    return x, y
+    indices = np.arange(len(dataset)) if keep is None else keep
+    x = np.stack([dataset.sample(i, view) for i in indices.tolist()])
+    return x, dataset.labels(indices)
 
 
 def _subset(n: int, limit: int | None) -> np.ndarray | None:

@@ -134,6 +134,8 @@ def test_cifar100_layout(tmp_path: Path, tiny_photos: np.ndarray) -> None:
     assert len(ds) == len(tiny_photos) and ds.num_classes == 100
     assert ds.classes[:2] == ["class0", "class1"]
     assert [ds.label(i) for i in range(3)] == [99, 98, 97]
+    labels = ds.labels(np.array([2, 0, 2]))
+    assert labels.dtype == np.int64 and labels.tolist() == [97, 99, 97]
     np.testing.assert_array_equal(ds.load(4), tiny_photos[4])
     test = Cifar100(folder, train=False)
     np.testing.assert_array_equal(test.read(0), tiny_photos[-1])
@@ -294,8 +296,13 @@ def test_image_folder_layout(folder_tree: tuple[Path, dict[str, np.ndarray]]) ->
         "cat/sub/g.png",
     ]
     assert [ds.label(i) for i in range(len(ds))] == [0] * 4 + [1] * 7
+    assert ds.labels(np.arange(len(ds))).tolist() == [0] * 4 + [1] * 7
+    assert ds.labels(np.array([], np.int64)).shape == (0,)
     with pytest.raises(IndexError):
         ds.path(len(ds))
+    for bad in (len(ds), -1):
+        with pytest.raises(IndexError, match=f"sample index {bad} out of range for a dataset"):
+            ds.labels(np.array([0, bad]))
 
 
 def test_image_folder_read_is_lazy(folder_tree: tuple[Path, dict[str, np.ndarray]]) -> None:

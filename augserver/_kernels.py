@@ -356,7 +356,7 @@ def apply_op(code, p, src, dst, scratch):
         _sharpness(src, dst, scratch, np.float32(p[0]))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mix_views(orig, codes, params, chain_lengths, weights, skips, out):
     """Run AugmentAndMix programs for ``len(skips)`` views of one image.
 
@@ -364,6 +364,8 @@ def mix_views(orig, codes, params, chain_lengths, weights, skips, out):
     ``views * width`` entries; ``weights`` is ``(views, width)`` (Dirichlet); ``skips`` holds
     each view's Beta weight ``m``. Chains are mixed in float64 and the view
     ``(1 - m) * orig + m * sum(w_i * chain_i)`` is rounded to nearest into ``out[view]``.
+    ``out`` is written by index, so it may be a strided view: a sample's slot in a batch
+    buffer, whose views lie a batch apart. The GIL is released while it runs.
     """
     h, w, _ = orig.shape
     views, width = weights.shape
@@ -391,7 +393,11 @@ def mix_views(orig, codes, params, chain_lengths, weights, skips, out):
                 acc[j] += wi * c_flat[j]
         m = skips[v]
         keep = 1.0 - m
-        o_flat = out[v].reshape(-1)
-        for j in range(acc.size):
-            mixed = keep * orig_flat[j] + m * acc[j]
-            o_flat[j] = np.uint8(min(max(math.floor(mixed + 0.5), 0.0), 255.0))
+        o = out[v]
+        j = 0
+        for y in range(h):
+            for x in range(w):
+                for c in range(3):
+                    mixed = keep * orig_flat[j] + m * acc[j]
+                    o[y, x, c] = np.uint8(min(max(math.floor(mixed + 0.5), 0.0), 255.0))
+                    j += 1

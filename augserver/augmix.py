@@ -105,14 +105,18 @@ def augmix_views(
 ) -> np.ndarray:
     """``views`` independent AugMix views of ``image`` as a ``(views, H, W, 3)`` uint8 array.
 
-    ``out``, if given, is filled in place (a slice of a batch buffer, for example).
+    ``out``, if given, is filled in place; it may be strided, such as a sample's slot
+    ``batch[1:, n]`` in a ``(views, batch, H, W, 3)`` buffer.
     """
     src = check_image(image)
     h, w, _ = src.shape
     if out is None:
         out = np.empty((views, h, w, 3), np.uint8)
-    elif out.shape != (views, h, w, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous uint8 {(views, h, w, 3)}, got {out.shape}")
+    elif out.shape != (views, h, w, 3) or out.dtype != np.uint8 or not out.flags.writeable:
+        raise ValueError(
+            f"out must be a writable uint8 array of shape {(views, h, w, 3)}, "
+            f"got {out.dtype} {out.shape}{'' if out.flags.writeable else ' (read-only)'}"
+        )
     _kernels.mix_views(src, *draw_program(rng, config, views, (w, h)), out)
     return out
 

@@ -35,7 +35,7 @@ import zmq
 
 from augserver import protocol
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
-from augserver.config import ConfigError, JobConfig, config_from_dict
+from augserver.config import ConfigError, JobConfig, Limits, config_from_dict
 from augserver.datasets import Dataset, DatasetError, open_dataset
 from augserver.security import ClientKeys
 from augserver.transforms import preprocess
@@ -47,7 +47,7 @@ EXIT_FATAL = 3
 HANDSHAKE_TIMEOUT = 5.0
 """Seconds to wait for ``welcome`` before saying hello again on a fresh socket."""
 _POLL_MS = 100
-_BUSY_TICK = 0.005  # seconds between socket checks while a task runs
+_BUSY_TICK = 0.025  # see busy_tick
 
 
 class Reconnect(Exception):
@@ -72,6 +72,13 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def busy_tick(limits: Limits) -> float:
+    """Seconds between socket checks (heartbeats, incoming messages) while a task runs: 25 ms,
+    or a quarter of the heartbeat interval if that is shorter. A check costs tens of
+    microseconds, so one per 32x32 sample would cost a few percent of the worker's time."""
+    return min(_BUSY_TICK, limits.heartbeat_interval / 4)
+
+
 def make_batch(
     job: Job, epoch: int, indices: list[int], between: Callable[[], None] = lambda: None
 ) -> tuple[list[np.ndarray], list[list[Any]]]:
@@ -84,29 +91,21 @@ def make_batch(
     config, dataset = job.config, job.dataset
     side = config.image_size
     views = np.empty((config.views, len(indices), side, side, 3), np.uint8)
-    labels = np.empty(len(indices), np.int64)
     done = np.empty(len(indices), np.int64)
-    augmented = np.empty((2 if config.jsd else 1, side, side, 3), np.uint8)
     failed: list[list[Any]] = []
     n = 0
     for index in indices:
         between()
         try:
-            image = _sample_image(job, epoch, index, augmented)
-            labels[n] = dataset.label(index)
+            _fill_sample(job, epoch, index, views[:, n])
         except Exception as exc:  # reported with its path; never kills the worker
             failed.append(_failure(dataset, index, exc))
             continue
-        if config.jsd:
-            views[0, n] = image
-            views[1:, n] = augmented
-        else:
-            views[0, n] = image if config.augment == "none" else augmented[0]
         done[n] = index
         n += 1
     if n < len(indices):
-        views, labels, done = np.ascontiguousarray(views[:, :n]), labels[:n], done[:n]
-    return [views, labels, done], failed
+        views, done = np.ascontiguousarray(views[:, :n]), done[:n]
+    return [views, dataset.labels(done), done], failed
 
 
 def _failure(dataset: Dataset, index: int, exc: Exception) -> list[Any]:
@@ -121,9 +120,10 @@ def _failure(dataset: Dataset, index: int, exc: Exception) -> list[Any]:
     return [index, path, f"{type(exc).__name__}: {exc}"]
 
 
-def _sample_image(job: Job, epoch: int, index: int, augmented: np.ndarray) -> np.ndarray:
-    """Preprocess sample ``index`` and fill ``augmented`` with its AugMix views (unless the job
-    has ``augment: none``)."""
+def _fill_sample(job: Job, epoch: int, index: int, slot: np.ndarray) -> None:
+    """Write sample ``index``'s views into ``slot`` (``(V, H, W, 3)``, a sample's place in the
+    batch buffer): the preprocessed image then its AugMix views, or the one AugMix view
+    without JSD, or the preprocessed image alone with ``augment: none``."""
     config, dataset = job.config, job.dataset
     rng = sample_rng(config.seed, epoch, index)
     image = dataset.sample(index, lambda source: preprocess(config.preprocess, source, rng))
@@ -132,18 +132,25 @@ def _sample_image(job: Job, epoch: int, index: int, augmented: np.ndarray) -> np
         raise DatasetError(
             dataset.path(index), index, f"preprocessed to {image.shape}, not {(side, side, 3)}"
         )
-    if config.augment == "augmix":
-        augmix_views(image, rng, config.augmix, len(augmented), out=augmented)
-    return image
+    if config.augment == "none":
+        slot[0] = image
+    elif config.jsd:
+        slot[0] = image
+        augmix_views(image, rng, config.augmix, 2, out=slot[1:])
+    else:
+        augmix_views(image, rng, config.augmix, 1, out=slot)
 
 
 def warm_up() -> None:
     """Load the compiled kernels (numba's cache) before the first task, so that the first
     sample is not slow enough to miss heartbeats (about 0.4 s here)."""
     rng = sample_rng(0, 0, 0)
+    config = AugMixConfig(severity=10, all_ops=True)
     for name, side in (("cifar", 32), ("imagenet", 64)):
         image = preprocess(name, np.zeros((side, side, 3), np.uint8), rng)
-        augmix_views(image, rng, AugMixConfig(severity=10, all_ops=True), 2)
+        augmix_views(image, rng, config, 2)
+        batch = np.empty((3, 2, *image.shape), np.uint8)  # a strided slot, as make_batch fills
+        augmix_views(image, rng, config, 2, out=batch[1:, 0])
 
 
 class Worker:
@@ -161,6 +168,7 @@ class Worker:
         self.job: Job | None = None
         self.tasks: deque[protocol.Message] = deque()
         self.last_heard = self.last_beat = self.last_tick = time.monotonic()
+        self.busy_tick = _BUSY_TICK
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,6 +266,7 @@ class Worker:
                     f"{message['dataset_len']} at the dispatcher"
                 )
             self.job = Job(config, dataset, raw)
+        self.busy_tick = busy_tick(self.job.config.limits)
         log.info("worker %s: welcomed by %s", self.name, self.connect)
         self.last_heard = self.last_beat = time.monotonic()
         self._send(protocol.encode("ready", slots=self.job.config.limits.worker_slots))
@@ -279,9 +288,8 @@ class Worker:
         self._send(protocol.encode("result", arrays, task=task["task"], failed=failed))
 
     def _tick_if_due(self) -> None:
-        """:meth:`_tick` between samples, at most every :data:`_BUSY_TICK` seconds: a socket
-        poll per 32x32 sample would cost a few percent of the worker's time."""
-        if time.monotonic() - self.last_tick >= _BUSY_TICK:
+        """:meth:`_tick` between samples, at most every :attr:`busy_tick` seconds."""
+        if time.monotonic() - self.last_tick >= self.busy_tick:
             self._tick()
 
     def _tick(self, timeout_ms: int = 0) -> None:

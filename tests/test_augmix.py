@@ -144,12 +144,22 @@ def test_program_distribution():
 
 def test_out_buffer_is_filled_in_place(photos):
     image = photos["astronaut32"]
+    expected = augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2)
     batch = np.zeros((4, 2, 32, 32, 3), np.uint8)
     augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2, out=batch[1])
-    assert np.array_equal(batch[1], augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2))
+    assert np.array_equal(batch[1], expected)
     assert not batch[0].any()
-    with pytest.raises(ValueError, match="out must be"):
+    # A sample's slot in a (views, batch, H, W, 3) buffer: its views lie a batch apart.
+    views = np.zeros((3, 4, 32, 32, 3), np.uint8)
+    augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2, out=views[1:, 2])
+    assert np.array_equal(views[1:, 2], expected)
+    assert not views[0].any() and not views[:, [0, 1, 3]].any()
+    with pytest.raises(ValueError, match=r"out must be .*\(2, 32, 32, 3\), got uint8 \(4, 32"):
         augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2, out=batch[:, 0])
+    read_only = np.zeros((2, 32, 32, 3), np.uint8)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2, out=read_only)
 
 
 @pytest.mark.parametrize(

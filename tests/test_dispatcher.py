@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from augserver import dispatcher as dispatcher_module
 from augserver import protocol
 from augserver.cli import main
+from augserver.config import Limits
 from augserver.datasets import open_dataset
 from augserver.plan import ShardPlan
 from augserver.status import request_status
-from augserver.worker import EXIT_FATAL, Job, make_batch, run_worker
+from augserver.worker import EXIT_FATAL, Job, busy_tick, make_batch, run_worker
 from tests.service_helpers import (
     REPO,
     Batch,
@@ -61,6 +62,11 @@ def assert_exactly_once(batches: list[Batch], plan: ShardPlan) -> None:
     assert sorted(positions) == list(range(plan.num_batches)), positions
     for batch in batches:
         assert batch.indices.tolist() == plan.batch(batch.position).tolist()
+
+
+def test_a_busy_worker_checks_its_socket_several_times_per_heartbeat() -> None:
+    assert busy_tick(Limits(heartbeat_interval=1.0)) == 0.025
+    assert busy_tick(Limits(heartbeat_interval=0.02)) == pytest.approx(0.005)
 
 
 # ---------------------------------------------------------------------------- exactly once

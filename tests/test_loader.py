@@ -110,14 +110,14 @@ def test_epoch_exactly_once_with_two_workers_and_exact_bytes(tmp_path, procs):
     assert first.orig.shape == (8, 3, 32, 32) and first.orig.dtype == torch.uint8
     # every byte is the kernel's output for (seed, epoch, index), whoever made it
     data = np.load(tmp_path / "data.npz")
-    i = int(first.index[0])
-    rng = sample_rng(0, 0, i)
-    image = preprocess("cifar", data["x"][i], rng)
-    views = augmix_views(image, rng, AugMixConfig(severity=3), 2)
-    assert np.array_equal(first.orig[0].permute(1, 2, 0).numpy(), image)
-    assert np.array_equal(first.aug1[0].permute(1, 2, 0).numpy(), views[0])
-    assert np.array_equal(first.aug2[0].permute(1, 2, 0).numpy(), views[1])
-    assert int(first.target[0]) == int(data["y"][i])
+    for row, i in enumerate(first.index.tolist()):
+        rng = sample_rng(0, 0, i)
+        image = preprocess("cifar", data["x"][i], rng)
+        views = augmix_views(image, rng, AugMixConfig(severity=3), 2)
+        assert np.array_equal(first.orig[row].permute(1, 2, 0).numpy(), image)
+        assert np.array_equal(first.aug1[row].permute(1, 2, 0).numpy(), views[0])
+        assert np.array_equal(first.aug2[row].permute(1, 2, 0).numpy(), views[1])
+        assert int(first.target[row]) == int(data["y"][i])
 
 
 def test_normalised_float_views_and_concat(tmp_path, procs):
@@ -140,6 +140,14 @@ def test_single_view_without_jsd(tmp_path, procs):
     batch = next(iter(RemoteAugMixLoader(address, timeout=60)))
     assert batch.orig is None and batch.aug2 is None
     assert batch.aug1.shape == (8, 3, 32, 32) and batch.concat().shape == (8, 3, 32, 32)
+    raw = next(iter(RemoteAugMixLoader(address, timeout=60, normalize=False)))
+    data = np.load(tmp_path / "data.npz")
+    for row, i in enumerate(raw.index.tolist()):  # the one view is the kernel's first view
+        rng = sample_rng(0, 0, i)
+        image = preprocess("cifar", data["x"][i], rng)
+        [view] = augmix_views(image, rng, AugMixConfig(severity=3), 1)
+        assert np.array_equal(raw.aug1[row].permute(1, 2, 0).numpy(), view)
+        assert int(raw.target[row]) == int(data["y"][i])
 
 
 def test_plain_preprocessed_view_with_augment_none(tmp_path, procs):

@@ -183,13 +183,13 @@ def scrape_mid_stream(tmp_path: Path, client_delay: float) -> dict[tuple[str, st
 
 def slow_samples(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Every sample a worker thread makes takes ``seconds`` longer."""
-    original: Callable[..., Any] = augserver.worker._sample_image
+    original: Callable[..., Any] = augserver.worker._fill_sample
 
     def slow(*args: Any) -> Any:
         time.sleep(seconds)
         return original(*args)
 
-    monkeypatch.setattr(augserver.worker, "_sample_image", slow)
+    monkeypatch.setattr(augserver.worker, "_fill_sample", slow)
 
 
 def wait_ratio(values: dict[tuple[str, str], float]) -> float:

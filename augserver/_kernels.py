@@ -364,8 +364,9 @@ def mix_views(orig, codes, params, chain_lengths, weights, skips, out):
     ``views * width`` entries; ``weights`` is ``(views, width)`` (Dirichlet); ``skips`` holds
     each view's Beta weight ``m``. Chains are mixed in float64 and the view
     ``(1 - m) * orig + m * sum(w_i * chain_i)`` is rounded to nearest into ``out[view]``.
-    ``out`` is written by index, so it may be a strided view: a sample's slot in a batch
-    buffer, whose views lie a batch apart. The GIL is released while it runs.
+    ``out`` is ``(views, H * W * 3)``: each view's pixels contiguous, the views themselves
+    possibly a stride apart (a sample's slot in a batch buffer). The GIL is released while it
+    runs.
     """
     h, w, _ = orig.shape
     views, width = weights.shape
@@ -393,11 +394,7 @@ def mix_views(orig, codes, params, chain_lengths, weights, skips, out):
                 acc[j] += wi * c_flat[j]
         m = skips[v]
         keep = 1.0 - m
-        o = out[v]
-        j = 0
-        for y in range(h):
-            for x in range(w):
-                for c in range(3):
-                    mixed = keep * orig_flat[j] + m * acc[j]
-                    o[y, x, c] = np.uint8(min(max(math.floor(mixed + 0.5), 0.0), 255.0))
-                    j += 1
+        o_flat = out[v]
+        for j in range(acc.size):
+            mixed = keep * orig_flat[j] + m * acc[j]
+            o_flat[j] = np.uint8(min(max(math.floor(mixed + 0.5), 0.0), 255.0))

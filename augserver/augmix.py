@@ -117,7 +117,12 @@ def augmix_views(
             f"out must be a writable uint8 array of shape {(views, h, w, 3)}, "
             f"got {out.dtype} {out.shape}{'' if out.flags.writeable else ' (read-only)'}"
         )
-    _kernels.mix_views(src, *draw_program(rng, config, views, (w, h)), out)
+    rows = out.view()
+    try:
+        rows.shape = (views, h * w * 3)  # never a copy: the kernel must write into ``out``
+    except AttributeError:
+        raise ValueError("out: each view must be one C-contiguous block") from None
+    _kernels.mix_views(src, *draw_program(rng, config, views, (w, h)), rows)
     return out
 
 

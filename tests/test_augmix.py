@@ -156,6 +156,9 @@ def test_out_buffer_is_filled_in_place(photos):
     assert not views[0].any() and not views[:, [0, 1, 3]].any()
     with pytest.raises(ValueError, match=r"out must be .*\(2, 32, 32, 3\), got uint8 \(4, 32"):
         augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2, out=batch[:, 0])
+    every_other_column = np.zeros((2, 32, 64, 3), np.uint8)[:, :, ::2]
+    with pytest.raises(ValueError, match="each view must be one C-contiguous block"):
+        augmix_views(image, sample_rng(0, 0, 5), AugMixConfig(), 2, out=every_other_column)
     read_only = np.zeros((2, 32, 32, 3), np.uint8)
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):

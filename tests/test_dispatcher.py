@@ -56,6 +56,13 @@ def plan_of(config: Any, dataset_len: int, rank: int = 0, world_size: int = 1,
                      config.drop_last)
 
 
+def blank_result(indices: list[int], side: int = 32) -> list[np.ndarray]:
+    """A result's arrays for ``indices`` (JSD views of zeros, zero labels): well formed for
+    this module's jobs unless ``side`` differs from 32."""
+    idx = np.array(indices, np.int64)
+    return [np.zeros((3, len(idx), side, side, 3), np.uint8), np.zeros(len(idx), np.int64), idx]
+
+
 def assert_exactly_once(batches: list[Batch], plan: ShardPlan) -> None:
     """Every position once, each holding exactly the plan's indices in the plan's order."""
     positions = [b.position for b in batches]
@@ -272,10 +279,8 @@ def test_malformed_messages_while_a_stream_runs(tmp_path: Path) -> None:
             bad.hello("worker")
             bad.send("ready", slots=1)
             task = bad.expect("task")
-            n = len(task["indices"])
-            wrong = [np.zeros((3, n, 32, 31, 3), np.uint8), np.zeros(n, np.int64),
-                     np.array(task["indices"], np.int64)]
-            bad.send("result", wrong, task=task["task"], failed=[])
+            bad.send("result", blank_result(task["indices"], side=31), task=task["task"],
+                     failed=[])
             error = bad.expect("error")
             assert not error["fatal"] and "re-issued" in error["message"]
             bad.send("ready", slots=1)
@@ -327,23 +332,16 @@ def test_results_that_do_not_match_their_task_are_named_and_reissued(tmp_path: P
             w.send("ready", slots=1)  # one slot: each result gives it back
             for build, problem in wrong:
                 task = w.expect("task")
-                idx = np.array(task["indices"], np.int64)
-                views = np.zeros((3, len(idx), 32, 32, 3), np.uint8)
-                w.send("result", build(views, np.zeros(len(idx), np.int64), idx),
-                       task=task["task"], failed=[])
+                w.send("result", build(*blank_result(task["indices"])), task=task["task"],
+                       failed=[])
                 error = w.expect("error")
                 assert problem in error["message"] and "re-issued" in error["message"]
             # the same indices in another order, or fewer with the rest reported failed: valid
             task = w.expect("task")
-            idx = np.array(task["indices"][::-1], np.int64)
-            views = np.zeros((3, len(idx), 32, 32, 3), np.uint8)
-            w.send("result", [views, np.zeros(len(idx), np.int64), idx], task=task["task"],
-                   failed=[])
+            w.send("result", blank_result(task["indices"][::-1]), task=task["task"], failed=[])
             assert c.expect("batch")["position"] == 0
             task = w.expect("task")
-            idx = np.array(task["indices"][1:], np.int64)
-            views = np.zeros((3, len(idx), 32, 32, 3), np.uint8)
-            w.send("result", [views, np.zeros(len(idx), np.int64), idx], task=task["task"],
+            w.send("result", blank_result(task["indices"][1:]), task=task["task"],
                    failed=[[task["indices"][0], "x.png", "broken"]])
             batch = c.expect("batch")
             assert batch["failed"][0][0] == task["indices"][0]

@@ -222,7 +222,8 @@ def _status(args: argparse.Namespace) -> int:
     except StatusError as exc:
         print(f"augserver status: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_status(stats))
+    print(json.dumps(stats.to_dict(), indent=2, sort_keys=True) if args.json
+          else format_status(stats))
     return 0
 
 

@@ -62,7 +62,9 @@ from typing import Any, NoReturn
 import yaml
 
 from augserver.augmix import AugMixConfig
+from augserver.batch import BatchLayout
 from augserver.datasets import FORMATS
+from augserver.errors import ConfigError
 
 # preprocess name: (image size, per-channel mean, per-channel std)
 PREPROCESSING: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]] = {
@@ -76,21 +78,6 @@ DEFAULT_BIND = "tcp://0.0.0.0:5555"
 _MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
 _BIND = re.compile(r"tcp://\S+:\S+|(ipc|inproc)://\S+")
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^\s:\[\]]+):(\d{1,5})")
-
-
-class ConfigError(ValueError):
-    """An invalid job configuration; the message names the file and the dotted key.
-
-    ``source`` is the file (or ``"<config>"``), ``key`` the dotted key, None for the whole file.
-    """
-
-    def __init__(self, message: str, source: str | None = None, key: str | None = None) -> None:
-        super().__init__(message)
-        self.source = source
-        self.key = key
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.source, self.key)
 
 
 @dataclass(frozen=True)
@@ -173,6 +160,11 @@ class JobConfig:
     def std(self) -> tuple[float, ...]:
         """Per-channel (RGB) normalisation standard deviation, on pixels scaled to [0, 1]."""
         return PREPROCESSING[self.preprocess][2]
+
+    @property
+    def layout(self) -> BatchLayout:
+        """How this job's batches are laid out (see :mod:`augserver.batch`)."""
+        return BatchLayout(self.views, self.image_size)
 
     @property
     def batch_bytes(self) -> int:

@@ -25,30 +25,13 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from augserver.errors import DatasetError
 from augserver.transforms import Source, to_rgb_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Decoders Image.open may use: the formats those extensions hold. (JPEG's opener also returns
 # MPO, multi-picture JPEG, images; transforms treat both formats alike.)
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
-
-
-class DatasetError(Exception):
-    """A dataset file (or one sample of it) that cannot be read, decoded or validated.
-
-    ``path`` names the file (for a sample of an array file, ``file[i]``); ``index`` is the
-    sample index, or None when the whole file is unusable.
-    """
-
-    def __init__(self, path: str, index: int | None, cause: str) -> None:
-        self.path = path
-        self.index = index
-        self.cause = cause
-        where = f"sample {index} ({path})" if index is not None else path
-        super().__init__(f"cannot read {where}: {cause}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.path, self.index, self.cause)
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,17 +13,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from augserver.stats import Counters, DispatcherStats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BIND = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^\s:\[\]]+):(\d{1,5})")
-
-# stats counter key, help text
-_COUNTERS = (
-    ("tasks_reissued", "Tasks re-issued after a worker died or returned a bad result."),
-    ("duplicates_dropped", "Stale or duplicate results dropped."),
-    ("samples_failed", "Samples that could not be read or decoded."),
-    ("malformed_messages", "Malformed messages received."),
-)
-
 
 def parse_bind(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::]:9100`` for IPv6) as ``(host, port)``; ValueError if not one."""
@@ -54,19 +47,17 @@ def _family(name: str, kind: str, text: str, samples: _Samples) -> list[str]:
     return lines
 
 
-def render(stats: dict[str, Any]) -> str:
-    """``stats`` (:meth:`augserver.dispatcher.Dispatcher.stats`) in the text exposition format."""
-    workers = stats.get("workers", [])
-    streams = [(c["name"], s) for c in stats.get("clients", []) for s in c["streams"]]
-    scaling = stats.get("scaling", {})
-    counters = stats.get("counters", {})
+def render(stats: DispatcherStats) -> str:
+    """``stats`` in the text exposition format; every :class:`~augserver.stats.Counters`
+    field is a ``_total`` counter."""
+    workers, streams, scaling = stats.workers, stats.streams, stats.scaling
     lines = _family("up", "gauge", "1 while the dispatcher serves.", [({}, 1)])
     lines += _family("uptime_seconds", "gauge", "Seconds since the dispatcher started.",
-                     [({}, float(stats.get("uptime_s", 0.0)))])
+                     [({}, float(stats.uptime_s))])
     lines += _family("workers", "gauge", "Workers connected.", [({}, len(workers))])
     lines += _family("worker_samples_per_second", "gauge",
                      "Samples a worker made per second over the recent window.",
-                     [({"worker": w["name"]}, float(w["samples_per_s"])) for w in workers])
+                     [({"worker": w.name}, float(w.samples_per_s)) for w in workers])
     lines += _family("streams", "gauge", "Client streams open.", [({}, len(streams))])
     for key, name, text in (
         ("samples_per_s", "stream_samples_per_second", "Samples a stream received per second."),
@@ -76,31 +67,31 @@ def render(stats: dict[str, Any]) -> str:
          "and none had arrived (its trainer waited on workers)."),
     ):
         lines += _family(name, "gauge", text, [
-            ({"client": client, "stream": s["stream"]}, float(s.get(key, 0.0)))
+            ({"client": client, "stream": s.stream}, float(getattr(s, key)))
             for client, s in streams
         ])
     lines += _family("data_wait_ratio", "gauge", "Largest data-wait ratio of any stream.",
-                     [({}, float(scaling.get("data_wait", 0.0)))])
+                     [({}, float(scaling.data_wait))])
     lines += _family("consumption_samples_per_second", "gauge",
                      "Samples per second all streams received.",
-                     [({}, float(scaling.get("consumption_samples_per_s", 0.0)))])
+                     [({}, float(scaling.consumption_samples_per_s))])
     lines += _family("workers_needed", "gauge",
                      "Workers estimated to keep every trainer fed (the current count unless "
                      "data-wait is above the threshold).",
-                     [({}, int(scaling.get("workers_needed", len(workers))))])
-    for key, text in _COUNTERS:
-        lines += _family(f"{key}_total", "counter", text, [({}, int(counters.get(key, 0)))])
+                     [({}, int(scaling.workers_needed))])
+    for key, value in vars(stats.counters).items():
+        lines += _family(f"{key}_total", "counter", Counters.help(key), [({}, int(value))])
     return "\n".join(lines) + "\n"
 
 
 class MetricsServer:
     """Serves ``render(snapshot())`` at ``/metrics`` from a daemon thread.
 
-    ``snapshot`` must be safe to call from another thread (it returns the latest stats dict
+    ``snapshot`` must be safe to call from another thread (it returns the latest stats record
     or None before the first one). ``address`` is ``(host, port)`` as bound (port 0 picks one).
     """
 
-    def __init__(self, bind: str, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, bind: str, snapshot: Callable[[], DispatcherStats | None]) -> None:
         host, port = parse_bind(bind)
         handler = type("Handler", (_Handler,), {"snapshot": staticmethod(snapshot)})
         try:
@@ -124,7 +115,7 @@ class MetricsServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    snapshot: Callable[[], dict[str, Any] | None]
+    snapshot: Callable[[], DispatcherStats | None]
 
     def do_GET(self) -> None:  # http.server's name
         if self.path.split("?", 1)[0] != "/metrics":

@@ -10,14 +10,14 @@ Everyone connects to the dispatcher's one ROUTER socket with a DEALER socket and
 ``hello`` (its role and the versions that decide pixel bytes). The conversations:
 
 worker                                   dispatcher
-  hello{role=worker, versions}    ->       <- welcome{config, dataset_len} | refused{reason}
+  hello{role=worker, versions}    ->     <- welcome{config, dataset_len, classes} | refused{reason}
   ready{slots}                    ->       <- task{task, epoch, indices}        (at most slots)
   result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices;
                                               a result gives back the slot its task used)
   heartbeat{}  every interval     ->       <- heartbeat{} | reset{reason} (unknown worker)
 
 client                                   dispatcher
-  hello{role=client, versions}    ->       <- welcome{config, dataset_len} | refused{reason}
+  hello{role=client, versions}    ->     <- welcome{config, dataset_len, classes} | refused{reason}
   open{stream, epoch, rank, ...}  ->       <- opened{stream, num_batches, batch_bytes}
   credit{stream, n}               ->       <- batch{stream, position, failed} + arrays
   ping{}                          ->       <- pong{} | reset{reason}
@@ -44,7 +44,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+from augserver.errors import ProtocolError
+
+PROTOCOL_VERSION = 2
+"""2: ``welcome`` names the dataset's classes."""
 MAX_HEADER_BYTES = 1 << 20
 """Largest frame 0 accepted (a task or a batch header with its index list fits easily)."""
 MAX_ARRAYS = 8
@@ -52,10 +55,6 @@ ALLOWED_DTYPES = frozenset({"|u1", "<i8", "<f4"})
 _DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
 
 ROLES = ("worker", "client", "status")
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow this protocol (the text says what is wrong)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -93,6 +92,10 @@ def _failures(value: Any) -> bool:
     )
 
 
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _str_map(value: Any) -> bool:
     return isinstance(value, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -118,7 +121,7 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "versions": _str_map,
         "name": _STR,
     },
-    "welcome": {"config": _DICT, "dataset_len": _non_negative_int},
+    "welcome": {"config": _DICT, "dataset_len": _non_negative_int, "classes": _str_list},
     "refused": {"reason": _STR},
     "reset": {"reason": _STR},
     "error": {"message": _STR, "stream": _optional_str, "fatal": _BOOL},
@@ -206,6 +209,24 @@ def decode(frames: Sequence[Any]) -> Message:
     foreign protocol version, an unknown type, a missing, extra or mistyped field, or an array
     frame whose size does not match its declared dtype and shape.
     """
+    header = _header(frames)
+    version = header.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    mtype = header.pop("t", None)
+    descriptions = header.pop("arrays", None)
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    check_fields(mtype, header)
+    payload = list(frames[1:])
+    specs = _check_arrays(mtype, descriptions, payload)
+    return Message(mtype, header, payload, specs, descriptions)
+
+
+def _header(frames: Sequence[Any]) -> dict[Any, Any]:
+    """Frame 0 unpacked as a map (size-bounded, no extension types), not yet validated."""
     if not frames:
         raise ProtocolError("empty message")
     head = _buffer(frames[0])
@@ -221,19 +242,22 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
-    version = header.pop("v", None)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
-        )
-    mtype = header.pop("t", None)
-    descriptions = header.pop("arrays", None)
-    if not isinstance(mtype, str) or mtype not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {mtype!r}")
-    check_fields(mtype, header)
-    payload = list(frames[1:])
-    specs = _check_arrays(mtype, descriptions, payload)
-    return Message(mtype, header, payload, specs, descriptions)
+    return header
+
+
+def foreign_hello(frames: Sequence[Any]) -> int | str | None:
+    """The protocol version of a ``hello`` from another protocol version, else None: peeks at
+    the header of a message :func:`decode` refused, so that the peer can be told why."""
+    try:
+        header = _header(frames)
+    except ProtocolError:
+        return None
+    version = header.get("v")
+    if header.get("t") == "hello" and version != PROTOCOL_VERSION and (
+        isinstance(version, int | str) and not isinstance(version, bool)
+    ):
+        return version
+    return None
 
 
 def check_fields(mtype: str, fields: dict[str, Any]) -> None:

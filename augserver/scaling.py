@@ -32,7 +32,8 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+
+from augserver.stats import Scaling, StreamStats
 
 WINDOW = 10.0
 """Seconds over which consumption and data-wait are measured."""
@@ -91,25 +92,25 @@ class StreamMeter:
         }
 
 
-def estimate(worker_rates: list[float], streams: list[dict[str, Any]]) -> dict[str, Any]:
+def estimate(worker_rates: list[float], streams: list[StreamStats]) -> Scaling:
     """The job's scaling signal from the workers' samples/s and the streams' stats."""
     workers = len(worker_rates)
     busy = [r for r in worker_rates if r > 0]
     per_worker = sum(busy) / len(busy) if busy else 0.0
-    wait = max((s["data_wait"] for s in streams), default=0.0)
-    demand = sum(s["samples_per_s"] / max(1.0 - s["data_wait"], MIN_BUSY) for s in streams)
+    wait = max((s.data_wait for s in streams), default=0.0)
+    demand = sum(s.samples_per_s / max(1.0 - s.data_wait, MIN_BUSY) for s in streams)
     if wait <= WAIT_THRESHOLD:
         needed = workers
     elif per_worker > 0:
         needed = max(workers, math.ceil(demand / per_worker))
     else:
         needed = max(workers, 1)
-    return {
-        "workers": workers,
-        "workers_needed": needed,
-        "data_wait": wait,
-        "wait_threshold": WAIT_THRESHOLD,
-        "consumption_samples_per_s": round(sum(s["samples_per_s"] for s in streams), 1),
-        "demand_samples_per_s": round(demand, 1),
-        "worker_samples_per_s": round(per_worker, 1),
-    }
+    return Scaling(
+        workers=workers,
+        workers_needed=needed,
+        data_wait=wait,
+        wait_threshold=WAIT_THRESHOLD,
+        consumption_samples_per_s=round(sum(s.samples_per_s for s in streams), 1),
+        demand_samples_per_s=round(demand, 1),
+        worker_samples_per_s=round(per_worker, 1),
+    )

@@ -21,12 +21,10 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from augserver.errors import KeyFileError
+
 KeySource = str | os.PathLike[str] | bytes
 """A key file's path, or the key itself as 40 bytes of Z85 text."""
-
-
-class KeyFileError(ValueError):
-    """A key file that is missing, unreadable or lacks the key asked for."""
 
 
 def has_curve() -> bool:

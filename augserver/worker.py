@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from augserver import protocol
+from augserver import protocol, session
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
-from augserver.config import ConfigError, JobConfig, Limits, config_from_dict
-from augserver.datasets import Dataset, DatasetError, open_dataset
+from augserver.batch import INDICES_DTYPE
+from augserver.config import JobConfig, Limits, config_from_dict
+from augserver.datasets import Dataset, open_dataset
+from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTimeout
 from augserver.security import ClientKeys
 from augserver.transforms import preprocess
 
@@ -84,14 +86,13 @@ def make_batch(
 ) -> tuple[list[np.ndarray], list[list[Any]]]:
     """The arrays of one task's result and its failures ``[[index, path, error], ...]``.
 
-    Arrays: views uint8 ``(V, n, H, W, 3)``, labels int64 ``(n,)``, indices int64 ``(n,)``,
-    where ``n`` counts the samples that could be read. ``between`` runs before every sample
+    Arrays: views, labels and indices as :mod:`augserver.batch` lays them out, where ``n``
+    counts the samples that could be read. ``between`` runs before every sample
     (heartbeats and incoming messages while busy).
     """
     config, dataset = job.config, job.dataset
-    side = config.image_size
-    views = np.empty((config.views, len(indices), side, side, 3), np.uint8)
-    done = np.empty(len(indices), np.int64)
+    views = config.layout.empty_views(len(indices))
+    done = np.empty(len(indices), INDICES_DTYPE)
     failed: list[list[Any]] = []
     n = 0
     for index in indices:
@@ -196,58 +197,29 @@ class Worker:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.tasks.clear()
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if self.keys is not None:
-            self.keys.apply(sock)
-        sock.connect(self.connect)
-        self.sock = sock
-        return sock
+        self.sock = session.dealer(self.context, self.connect, self.keys, immediate=True,
+                                   reconnect_ms=(100, 2000))
+        return self.sock
 
     def _handshake(self) -> bool:
         """hello on a fresh socket until welcome; False when stopped or timed out."""
         sock = self._new_socket()
         log.info("worker %s: connecting to %s", self.name, self.connect)
-        hello = protocol.encode(
-            "hello",
-            role="worker",
-            protocol=protocol.PROTOCOL_VERSION,
-            versions=protocol.pixel_versions(),
-            name=self.name,
-        )
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        while not sock.poll(_POLL_MS, zmq.POLLOUT):  # IMMEDIATE: writable once connected
-            if self.stop.is_set():
-                return False
-            if time.monotonic() >= deadline:
-                log.warning("worker %s: no connection to %s within %.0f s (%s); retrying",
-                            self.name, self.connect, HANDSHAKE_TIMEOUT, self._auth_hint())
-                return False
-        sock.send_multipart(hello)
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            message = self._receive(_POLL_MS)
-            if message is None:
-                continue
-            if message.type == "welcome":
-                self._welcome(message)
-                return True
-            if message.type == "refused":
-                raise Fatal(f"refused by the dispatcher at {self.connect}: {message['reason']}")
-            log.warning("worker %s: unexpected %s before welcome, ignored", self.name, message.type)
-        if not self.stop.is_set():
-            log.warning("worker %s: no welcome from %s, retrying", self.name, self.connect)
-        return False
-
-    def _auth_hint(self) -> str:
-        """Why a connection may never come up: the dispatcher is down, or CURVE said no."""
-        if self.keys is None:
-            return ("dispatcher not up, or it requires CURVE keys: pass --key and --server-key")
-        return ("dispatcher not up, or CURVE authentication failed: check --key, --server-key "
-                "and that this worker's public key is in the dispatcher's allow-list")
+        try:
+            welcome = session.handshake(
+                sock, "worker", self.name, self.connect, HANDSHAKE_TIMEOUT,
+                curve=self.keys is not None, stopped=self.stop.is_set,
+                on_other=lambda m: log.warning("worker %s: unexpected %s before welcome, "
+                                               "ignored", self.name, m.type))
+        except session.Refused as exc:
+            raise Fatal(str(exc)) from None
+        except (SessionTimeout, RemoteError) as exc:
+            log.warning("worker %s: %s; retrying", self.name, exc)
+            return False
+        if welcome is None:
+            return False
+        self._welcome(welcome)
+        return True
 
     def _welcome(self, message: protocol.Message) -> None:
         """Build the job from the welcome's config (reusing the dataset when unchanged)."""

@@ -127,7 +127,7 @@ def transport_overhead(config: Path, seconds: float, rounds: int = 5) -> dict[st
             server.address, prefetch=8, timeout=120, normalize=False, channels_last=True
         )
         epoch_rate(loader, 0)
-        name = request_status(server.address)["workers"][0]["name"]
+        name = request_status(server.address).workers[0].name
         worker_pid = int(name.rsplit(":", 1)[1])
         samples_per_epoch = len(loader) * loader.config.batch_size
         pairs, kernels, services, kernel_cpu, service_cpu = [], [], [], [], []

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from augserver.text import render_table
 from client.corruptions import CORRUPTIONS, SEVERITIES, default_params, iter_corrupted
 
 __all__ = [
@@ -324,23 +325,13 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         if with_norm:
             row.append(pct(r.get("normalized_mce")))
         rows.append(row)
-    lines = _render([head, *rows])
+    lines = render_table(head, rows, indent="", align_right=True, rule=True)
     seen = {n for r in results.values() for n in r.get("corruptions", {})}
     names = [n for n in CORRUPTIONS if n in seen] + sorted(seen - set(CORRUPTIONS))
-    per = [["corruption (error %)", *methods]]
-    per += [[n, *(pct(_mean_error(results[m], n)) for m in methods)] for n in names]
-    return "\n".join([*lines, "", *_render(per)])
-
-
-def _render(table: list[list[str]]) -> list[str]:
-    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-
-    def line(row: list[str]) -> str:
-        cells = zip(row, widths, strict=True)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-
-    return [line(table[0]), "  ".join("-" * w for w in widths), *(line(r) for r in table[1:])]
+    per = [[n, *(pct(_mean_error(results[m], n)) for m in methods)] for n in names]
+    per_lines = render_table(["corruption (error %)", *methods], per, indent="",
+                             align_right=True, rule=True)
+    return "\n".join([*lines, "", *per_lines])
 
 
 def plot_error_vs_severity(

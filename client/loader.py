@@ -24,18 +24,15 @@ import numpy as np
 import torch
 import zmq
 
-from augserver import protocol
+from augserver import protocol, session
 from augserver.config import JobConfig, config_from_dict
+from augserver.errors import RemoteError
 from augserver.plan import ShardPlan, from_ranges, to_ranges
 from augserver.security import ClientKeys, KeySource
 
 log = logging.getLogger("augserver.client")
 
 _PING_INTERVAL = 1.0
-
-
-class RemoteError(RuntimeError):
-    """The dispatcher reported an error for this stream (the text is the server's message)."""
 
 
 @dataclass
@@ -65,7 +62,7 @@ class AugMixBatch:
 @dataclass
 class _Received:
     position: int
-    views: torch.Tensor  # (V, n, H, W, 3) uint8, pinned on CUDA loaders
+    views: torch.Tensor  # (V, n, H, W, 3) uint8 (augserver.batch), pinned on CUDA loaders
     labels: np.ndarray
     indices: np.ndarray
 
@@ -272,13 +269,20 @@ class RemoteAugMixLoader:
     def _ensure_job(self) -> None:
         if self._job is not None:
             return
-        context = zmq.Context.instance()
-        sock = _dealer(context, self.address, self._keys)
+        sock = session.dealer(zmq.Context.instance(), self.address, self._keys)
         try:
-            welcome = _handshake(sock, self.timeout, self.address, self._keys is not None)
+            welcome = self._handshake(sock, self.timeout)
         finally:
             sock.close(linger=0)
         self._accept_welcome(welcome)
+
+    def _handshake(self, sock: zmq.Socket, timeout: float) -> protocol.Message:
+        """hello -> welcome; waits for a dispatcher that is not up yet, up to ``timeout``."""
+        welcome = session.handshake(
+            sock, "client", f"{socket.gethostname()}:{threading.get_native_id()}",
+            self.address, timeout, curve=self._keys is not None, names=session.ARGUMENTS)
+        assert welcome is not None  # never stopped
+        return welcome
 
     def _accept_welcome(self, welcome: protocol.Message) -> None:
         job = config_from_dict(welcome["config"], source=self.address, check_paths=False)
@@ -356,11 +360,9 @@ class _Stream:
     def _session(self) -> bool:
         """One connection to the dispatcher; True when the stream finished or was stopped."""
         loader = self.loader
-        sock = _dealer(self._context, loader.address, loader._keys)
+        sock = session.dealer(self._context, loader.address, loader._keys)
         try:
-            loader._accept_welcome(
-                _handshake(sock, self._time_left(), loader.address, loader._keys is not None)
-            )
+            loader._accept_welcome(loader._handshake(sock, self._time_left()))
             queued = len(self.received) - len(loader._consumed)
             credits = max(0, loader.prefetch - queued)
             sock.send_multipart(
@@ -464,8 +466,9 @@ class _Stream:
             log.warning("sample %d (%s) skipped by the server: %s", index, path, error)
         if position in self.received or position >= self.num_batches:
             return  # a duplicate after a reconnect: already delivered
-        if len(message.arrays) != 3:
-            raise RemoteError(f"batch {position} carries {len(message.arrays)} arrays, not 3")
+        problem = self.loader.config.layout.problem(message.specs)
+        if problem is not None:  # the dispatcher checked it: a dispatcher fault
+            raise RemoteError(f"batch {position} from {self.loader.address}: {problem}")
         views, labels, indices = message.arrays
         self.received.add(position)
         self._progress = time.monotonic()
@@ -483,60 +486,6 @@ def _nchw(views: torch.Tensor) -> torch.Tensor:
     if views.device.type == "cpu":  # numpy's strided copy: about 2x torch's for this at 32x32
         return torch.from_numpy(np.ascontiguousarray(views.numpy().transpose(0, 1, 4, 2, 3)))
     return views.permute(0, 1, 4, 2, 3).contiguous()
-
-
-def _dealer(context: zmq.Context, address: str, keys: ClientKeys | None = None) -> zmq.Socket:
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    if keys is not None:
-        keys.apply(sock)
-    sock.connect(address)
-    return sock
-
-
-def _handshake(
-    sock: zmq.Socket, timeout: float, address: str, curve: bool = False
-) -> protocol.Message:
-    """hello -> welcome; waits for a dispatcher that is not up yet, up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    hello = protocol.encode(
-        "hello",
-        role="client",
-        protocol=protocol.PROTOCOL_VERSION,
-        versions=protocol.pixel_versions(),
-        name=f"{socket.gethostname()}:{threading.get_native_id()}",
-    )
-    # Never a blocking send: a connection refused by CURVE can leave the socket no pipe.
-    if not sock.poll(int(max(0.0, timeout) * 1000), zmq.POLLOUT):
-        raise TimeoutError(_no_answer(address, timeout, curve))
-    sock.send_multipart(hello, flags=zmq.NOBLOCK)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(_no_answer(address, timeout, curve))
-        if not sock.poll(timeout=int(min(left, 1.0) * 1000)):
-            continue
-        try:
-            message = protocol.decode(sock.recv_multipart(copy=False))
-        except protocol.ProtocolError as exc:
-            raise RemoteError(f"dispatcher at {address} speaks another protocol: {exc}") from None
-        if message.type == "welcome":
-            return message
-        if message.type == "refused":
-            raise RemoteError(f"dispatcher at {address} refused this client: {message['reason']}")
-
-
-def _no_answer(address: str, timeout: float, curve: bool) -> str:
-    """The handshake timeout's message: the dispatcher is down, or CURVE keys do not match."""
-    if curve:
-        hint = ("if it is up, CURVE authentication failed: check curve_key, server_key (the "
-                "dispatcher's public key) and that this client's public key is in the "
-                "dispatcher's allow-list")
-    else:
-        hint = ("if it is up, it may require CURVE: pass curve_key (this client's secret key) "
-                "and server_key (the dispatcher's public key)")
-    return f"no augserver dispatcher answered at {address} in {timeout:g} s ({hint})"
 
 
 def _send_quietly(sock: zmq.Socket, frames: list[Any]) -> None:

@@ -25,6 +25,7 @@ from augserver import protocol
 from augserver.config import JobConfig, load_config
 from augserver.dispatcher import Dispatcher
 from augserver.security import ClientKeys
+from augserver.stats import DispatcherStats
 from augserver.status import request_status
 from augserver.worker import run_worker
 from client.local_server import free_port as free_port  # re-exported for the tests
@@ -163,13 +164,13 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
         time.sleep(interval)
 
 
-def wait_workers(address: str, count: int, timeout: float = 20.0) -> dict[str, Any]:
+def wait_workers(address: str, count: int, timeout: float = 20.0) -> DispatcherStats:
     """The dispatcher's stats once it has ``count`` workers, each ready for tasks."""
 
-    def ready() -> dict[str, Any] | None:
+    def ready() -> DispatcherStats | None:
         stats = request_status(address, 2.0)
-        workers = stats["workers"]
-        if len(workers) == count and all(w["free_slots"] + w["in_flight"] for w in workers):
+        workers = stats.workers
+        if len(workers) == count and all(w.free_slots + w.in_flight for w in workers):
             return stats
         return None
 

@@ -117,8 +117,8 @@ def test_allowed_peers_get_an_epoch_and_strangers_are_refused(
             again = RemoteAugMixLoader(dispatcher.address, epoch=1, timeout=20, **trusted)
             assert epoch_indices(again) == list(range(24))
             stats = request_status(dispatcher.address, 5.0, client_keys(keys, "server"))
-            assert len(stats["workers"]) == 1
-            assert stats["counters"]["malformed_messages"] == 0
+            assert len(stats.workers) == 1
+            assert stats.counters.malformed_messages == 0
         finally:
             stop.set()
             for thread in threads:
@@ -145,8 +145,8 @@ def test_a_worker_without_an_allowed_key_cannot_join(
                 assert client.open(credits=4).type == "opened"  # tasks are waiting
                 time.sleep(1.5)
                 stats = request_status(dispatcher.address, 5.0, client_keys(keys, "server"))
-                assert stats["workers"] == []
-                assert dispatcher.tasks == {}  # no task ever went out
+                assert stats.workers == []
+                assert dispatcher.state.tasks == {}  # no task ever went out
                 assert client.recv(timeout=0.2) is None
             finally:
                 stop.set()
@@ -155,7 +155,7 @@ def test_a_worker_without_an_allowed_key_cannot_join(
         with pytest.raises(StatusError, match="CURVE"):
             request_status(dispatcher.address, 0.5)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("nokey" in m and "requires CURVE keys" in m for m in messages)
+    assert any("nokey" in m and "require CURVE keys" in m for m in messages)
     assert any("stranger" in m and "allow-list" in m for m in messages)
 
 
@@ -171,7 +171,7 @@ def test_serve_with_curve_flags_runs_local_workers(
 
         def one_worker() -> bool:
             try:
-                return len(request_status(address, 1.0, server)["workers"]) == 1
+                return len(request_status(address, 1.0, server).workers) == 1
             except StatusError:
                 return False
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from augserver import dispatcher as dispatcher_module
+from augserver import dispatcher_state as dispatcher_module
 from augserver import protocol
 from augserver.cli import main
 from augserver.config import Limits
@@ -106,9 +106,9 @@ def test_full_epoch_with_two_worker_processes_arrives_exactly_once(tmp_path: Pat
         assert failed == []
         assert np.array_equal(batch.views, views) and np.array_equal(batch.labels, labels)
         assert batch.views.shape == (3, 4, 32, 32, 3)
-    assert stats["counters"]["tasks_reissued"] == 0
-    assert stats["counters"]["duplicates_dropped"] == 0
-    assert sum(w["tasks_done"] for w in stats["workers"]) == 12
+    assert stats.counters.tasks_reissued == 0
+    assert stats.counters.duplicates_dropped == 0
+    assert sum(w.tasks_done for w in stats.workers) == 12
 
 
 def test_sigkill_worker_mid_epoch_loses_and_duplicates_nothing(tmp_path: Path) -> None:
@@ -127,13 +127,13 @@ def test_sigkill_worker_mid_epoch_loses_and_duplicates_nothing(tmp_path: Path) -
                 victim.wait(5)
 
         got = c.collect({"s"}, on_batch=kill_once)
-        stats = wait_for(lambda: (s := request_status(d.address)) and len(s["workers"]) == 1
+        stats = wait_for(lambda: (s := request_status(d.address)) and len(s.workers) == 1
                          and s, 5, "the killed worker to be declared dead")
     assert got["errors"] == {}
     assert_exactly_once(got["s"], plan_of(config, 48))
     indices = [i for b in got["s"] for i in b.indices.tolist()]
     assert len(indices) == len(set(indices)) == 48
-    assert stats["counters"]["tasks_reissued"] >= 1
+    assert stats.counters.tasks_reissued >= 1
 
 
 def test_resume_reopen_and_bad_open(tmp_path: Path) -> None:
@@ -174,15 +174,15 @@ def test_version_mismatch_is_refused_by_name(tmp_path: Path, monkeypatch: Any) -
         assert "99" in refused["reason"] and f"protocol {protocol.PROTOCOL_VERSION}" in \
             refused["reason"]
         with RawClient(d.address) as w:  # a frame 0 of a future protocol version
-            w.send_raw([msgpack.packb({"v": 2, "t": "hello", "role": "worker", "x": [1]})])
+            w.send_raw([msgpack.packb({"v": 7, "t": "hello", "role": "worker", "x": [1]})])
             refused = w.expect("refused")
-        assert "protocol version 2" in refused["reason"]
+        assert "protocol version 7" in refused["reason"]
         # A real worker whose versions differ stops for good with EXIT_FATAL.
         monkeypatch.setattr(protocol, "pixel_versions", lambda: {**versions, "pillow": "1.0"})
         start = time.monotonic()
         assert run_worker(d.address, "mismatched") == EXIT_FATAL
         assert time.monotonic() - start < 5
-        assert request_status(d.address)["workers"] == []
+        assert request_status(d.address).workers == []
 
 
 def test_unknown_peer_is_reset_and_a_restarted_dispatcher_gets_its_worker_back(
@@ -223,11 +223,11 @@ MALFORMED: dict[str, list[bytes]] = {
     "missing field": [_header(t="credit", stream="s")],
     "extra field": [_header(t="ping", extra=1)],
     "array size mismatch": [
-        msgpack.packb({"v": 1, "t": "result", "task": 0, "failed": [],
+        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "result", "task": 0, "failed": [],
                        "arrays": [["|u1", [10]]]}), b"12345"],
-    "frame count mismatch": [msgpack.packb({"v": 1, "t": "ping", "arrays": [["|u1", [1]]]})],
-    "forbidden dtype": [msgpack.packb({"v": 1, "t": "ping", "arrays": [["|O", [1]]]}), b"x"],
-    "extension type": [msgpack.packb({"v": 1, "t": "ping", "arrays": [],
+    "frame count mismatch": [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [["|u1", [1]]]})],
+    "forbidden dtype": [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [["|O", [1]]]}), b"x"],
+    "extension type": [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [],
                                       "x": msgpack.ExtType(1, b"boom")})],
     "oversized header": [_header(t="ping", pad="x" * (protocol.MAX_HEADER_BYTES + 10))],
     "wrong role": [protocol.encode("result", task=0, failed=[])[0]],
@@ -309,10 +309,10 @@ def test_malformed_messages_while_a_stream_runs(tmp_path: Path) -> None:
             stats = request_status(d.address)
     assert got["errors"] == {}
     assert_exactly_once(got["s"], plan_of(config, 48))
-    counters = stats["counters"]
-    assert counters["malformed_messages"] >= 2 * len(MALFORMED) + 1
-    assert counters["tasks_reissued"] >= 2  # the bad result, then the silent bad worker
-    assert counters["handler_errors"] == 0
+    counters = stats.counters
+    assert counters.malformed_messages >= 2 * len(MALFORMED) + 1
+    assert counters.tasks_reissued >= 2  # the bad result, then the silent bad worker
+    assert counters.handler_errors == 0
 
 
 def test_results_that_do_not_match_their_task_are_named_and_reissued(tmp_path: Path) -> None:
@@ -346,7 +346,7 @@ def test_results_that_do_not_match_their_task_are_named_and_reissued(tmp_path: P
             batch = c.expect("batch")
             assert batch["failed"][0][0] == task["indices"][0]
             assert batch.arrays[2].tolist() == task["indices"][1:]
-        assert request_status(d.address)["counters"]["tasks_reissued"] >= len(wrong)
+        assert request_status(d.address).counters.tasks_reissued >= len(wrong)
 
 
 def test_oversized_message_does_not_kill_the_dispatcher(tmp_path: Path) -> None:
@@ -358,10 +358,10 @@ def test_oversized_message_does_not_kill_the_dispatcher(tmp_path: Path) -> None:
             with RawClient(d.address) as big:
                 if role:
                     big.hello(role)
-                header = msgpack.packb({"v": 1, "t": "ping", "arrays": [["|u1", [300_000]]]})
+                header = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [["|u1", [300_000]]]})
                 big.send_raw([header, bytes(300_000)])
                 assert big.recv(0.3) is None  # disconnected, not answered
-        assert request_status(d.address)["dataset_len"] == 16
+        assert request_status(d.address).dataset_len == 16
         with worker_threads(d.address):
             got = c.collect({"s"})
     assert_exactly_once(got["s"], plan_of(config, 16))
@@ -394,9 +394,9 @@ def test_error_policy_skip_reports_the_corrupt_sample(tmp_path: Path) -> None:
         expected = [i for i in plan.batch(batch.position).tolist() if i != bad]
         assert batch.indices.tolist() == expected
         assert batch.views.shape[1] == len(expected) == len(batch.labels)
-    assert stats["counters"]["samples_failed"] == 1
-    assert stats["recent_failures"][0]["path"].endswith("bad.png")
-    assert stats["recent_failures"][0]["index"] == bad
+    assert stats.counters.samples_failed == 1
+    assert stats.recent_failures[0].path.endswith("bad.png")
+    assert stats.recent_failures[0].index == bad
 
 
 def test_error_policy_fail_ends_the_stream_with_the_path(tmp_path: Path) -> None:
@@ -428,8 +428,8 @@ def test_credits_bound_what_is_sent(tmp_path: Path) -> None:
         c.hello()
         c.open("s", credits=2)
         take(c, 2)
-        stream = request_status(d.address)["clients"][0]["streams"][0]
-        assert (stream["credits"], stream["in_flight"], stream["delivered"]) == (0, 0, 2)
+        stream = request_status(d.address).clients[0].streams[0]
+        assert (stream.credits, stream.in_flight, stream.delivered) == (0, 0, 2)
         c.send("credit", stream="s", n=1)
         take(c, 1)
         c.send("credit", stream="s", n=100)  # capped by max_prefetch_bytes: 3 batches
@@ -450,8 +450,8 @@ def test_silent_client_is_forgotten(tmp_path: Path, monkeypatch: Any) -> None:
     with dispatcher_thread(config) as d, RawClient(d.address) as c:
         c.hello()
         c.open("s", credits=1)
-        assert len(request_status(d.address)["clients"]) == 1
-        wait_for(lambda: request_status(d.address)["clients"] == [], 5, "client forgotten")
+        assert len(request_status(d.address).clients) == 1
+        wait_for(lambda: request_status(d.address).clients == [], 5, "client forgotten")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -464,15 +464,15 @@ def test_serve_restarts_a_killed_worker_and_status_shows_it(tmp_path: Path) -> N
     serve = spawn(["serve", "--config", str(config), "--bind", f"tcp://0.0.0.0:{port}",
                    "--workers", "2", "--log-level", "WARNING"], stderr=subprocess.PIPE)
     try:
-        names = {w["name"] for w in wait_workers(address, 2)["workers"]}
+        names = {w.name for w in wait_workers(address, 2).workers}
         victim = int(sorted(names)[0].rpartition(":")[2])
         os.kill(victim, signal.SIGKILL)
         stats = wait_for(
-            lambda: (s := request_status(address)) and len(s["workers"]) == 2
-            and not {w["name"] for w in s["workers"]} & {sorted(names)[0]} and s,
+            lambda: (s := request_status(address)) and len(s.workers) == 2
+            and not {w.name for w in s.workers} & {sorted(names)[0]} and s,
             20, "the killed worker to be replaced",
         )
-        survivors = [int(w["name"].rpartition(":")[2]) for w in stats["workers"]]
+        survivors = [int(w.name.rpartition(":")[2]) for w in stats.workers]
         text = subprocess.run(
             [sys.executable, "-m", "augserver", "status", "--connect", address],
             cwd=REPO, capture_output=True, text=True, timeout=30,
@@ -515,7 +515,7 @@ def test_cli_status_without_dispatcher_fails_clearly(capsys: Any) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
     assert main(["status", "--connect", address, "--timeout", "0.3"]) == 1
     err = capsys.readouterr().err
-    assert "no dispatcher" in err and address in err
+    assert "no augserver dispatcher" in err and address in err
 
 
 @pytest.mark.parametrize("procs", [1, 2])

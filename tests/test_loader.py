@@ -19,6 +19,7 @@ from PIL import Image
 
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
 from augserver.plan import ShardPlan
+from augserver.stats import DispatcherStats
 from augserver.status import request_status
 from augserver.transforms import preprocess
 from client import AugMixBatch, RemoteAugMixLoader, RemoteError
@@ -178,7 +179,7 @@ def test_worker_killed_mid_epoch_nothing_missing_nothing_twice(tmp_path, procs):
             Processes.kill(workers[0])
     assert sorted(seen) == sorted(ShardPlan(0, 0, 96, 0, 1, 8).indices.tolist())
     assert len(seen) == len(set(seen)) == 96
-    assert _status(address)["counters"]["tasks_reissued"] >= 1
+    assert _status(address).counters.tasks_reissued >= 1
 
 
 def test_ordered_stream_is_identical_for_any_worker_count_and_failures(tmp_path, procs):
@@ -204,7 +205,7 @@ def test_ordered_stream_is_identical_for_any_worker_count_and_failures(tmp_path,
             int(ShardPlan(0, 0, N, 0, 1, 8).batch(p)[0]) for p in range(6)
         ], "ordered mode must follow the plan order"
         if kill:
-            assert _status(address)["counters"]["tasks_reissued"] >= 1
+            assert _status(address).counters.tasks_reissued >= 1
         hashes.append(stream_hash(batches))
         Processes.kill(server)
     assert hashes[0] == hashes[1] == hashes[2]
@@ -301,16 +302,16 @@ def test_slow_consumer_holds_memory_bounded(tmp_path, procs):
         consumed += 1
         time.sleep(0.3)  # a slow training step: workers must wait, nothing piles up
         status = _status(address)
-        for client in status["clients"]:
-            for s in client["streams"]:
-                peaks.append(s["in_flight"] + s["credits"])
-        produced = sum(w["tasks_done"] for w in status["workers"])
+        for client in status.clients:
+            for s in client.streams:
+                peaks.append(s.in_flight + s.credits)
+        produced = sum(w.tasks_done for w in status.workers)
         assert produced <= consumed + 2, "workers ran ahead of the granted credits"
     assert consumed == 12
     assert peaks and max(peaks) <= 2
 
 
-def _status(address: str) -> dict:
+def _status(address: str) -> DispatcherStats:
     return request_status(address, timeout=10)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import urllib.error
@@ -16,6 +17,7 @@ import augserver.worker
 from augserver.config import ConfigError, load_config
 from augserver.metrics import MetricsServer, escape, parse_bind, render
 from augserver.scaling import WAIT_THRESHOLD, StreamMeter, estimate
+from augserver.stats import DispatcherStats, StreamStats
 from augserver.status import format_status
 from tests.service_helpers import (
     RawClient,
@@ -33,11 +35,11 @@ from tests.service_helpers import (
 _SAMPLE = re.compile(r'([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\]|\\.)*",?)*\})? (-?[0-9.e+]+|NaN)')
 
 
-def hand_made_stats() -> dict[str, Any]:
+def hand_made_stats() -> DispatcherStats:
     stream = {"stream": "s1", "samples_per_s": 40.0, "batches_per_s": 10.0, "data_wait": 0.75,
-              "epoch": 0, "rank": 0, "world_size": 1, "delivered": 3, "num_batches": 12,
-              "credits": 2, "in_flight": 2, "pending": 7}
-    return {
+              "epoch": 0, "rank": 0, "world_size": 1, "ordered": False, "delivered": 3,
+              "num_batches": 12, "credits": 2, "in_flight": 2, "pending": 7}
+    return DispatcherStats.from_dict({
         "uptime_s": 12.5, "address": "tcp://127.0.0.1:5555", "dataset_len": 48,
         "config": {"dataset": "npz:/d.npz"},
         "workers": [
@@ -47,11 +49,11 @@ def hand_made_stats() -> dict[str, Any]:
              "free_slots": 1, "last_seen_s_ago": 0.1},
         ],
         "clients": [{"name": "trainer", "last_seen_s_ago": 0.2, "streams": [stream]}],
-        "scaling": estimate([20.0, 20.0], [stream]),
+        "scaling": dataclasses.asdict(estimate([20.0, 20.0], [StreamStats(**stream)])),
         "counters": {"tasks_reissued": 3, "duplicates_dropped": 1, "samples_failed": 2,
-                     "malformed_messages": 4, "handler_errors": 0},
+                     "malformed_messages": 4, "handler_errors": 5},
         "recent_failures": [],
-    }
+    })
 
 
 def parse(text: str) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
@@ -78,8 +80,10 @@ def test_render_types_values_and_escaping() -> None:
     assert text.endswith("\n")
     types, values = parse(text)
     assert types["augserver_workers"] == "gauge"
-    for name in ("tasks_reissued", "duplicates_dropped", "samples_failed", "malformed_messages"):
+    for name in ("tasks_reissued", "duplicates_dropped", "samples_failed", "malformed_messages",
+                 "handler_errors"):
         assert types[f"augserver_{name}_total"] == "counter"
+    assert values[("augserver_handler_errors_total", "")] == 5
     assert values[("augserver_workers", "")] == 2
     assert values[("augserver_tasks_reissued_total", "")] == 3
     assert values[("augserver_malformed_messages_total", "")] == 4
@@ -128,14 +132,19 @@ def test_meter_counts_time_with_the_whole_window_owed() -> None:
     assert meter.stats(134.0)["samples_per_s"] == 0.0
 
 
+def consuming(samples_per_s: float, data_wait: float) -> StreamStats:
+    """A stream's stats that matter to the scaling signal."""
+    return StreamStats("s", 0, 0, 1, False, 10, 0, 1, 0, 0, 0.0, samples_per_s, data_wait)
+
+
 def test_workers_needed_formula() -> None:
-    fed = {"samples_per_s": 100.0, "data_wait": WAIT_THRESHOLD}
-    assert estimate([50.0, 50.0], [fed])["workers_needed"] == 2
-    starved = {"samples_per_s": 100.0, "data_wait": 0.5}  # could eat 200/s
-    assert estimate([50.0, 50.0], [starved])["workers_needed"] == 4
-    assert estimate([50.0, 0.0], [starved])["workers_needed"] == 4  # idle ones do not count
-    assert estimate([], [{"samples_per_s": 0.0, "data_wait": 1.0}])["workers_needed"] == 1
-    assert estimate([10.0], [])["workers_needed"] == 1
+    fed = consuming(100.0, WAIT_THRESHOLD)
+    assert estimate([50.0, 50.0], [fed]).workers_needed == 2
+    starved = consuming(100.0, 0.5)  # could eat 200/s
+    assert estimate([50.0, 50.0], [starved]).workers_needed == 4
+    assert estimate([50.0, 0.0], [starved]).workers_needed == 4  # idle ones do not count
+    assert estimate([], [consuming(0.0, 1.0)]).workers_needed == 1
+    assert estimate([10.0], []).workers_needed == 1
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -159,7 +168,7 @@ def scrape_mid_stream(tmp_path: Path, client_delay: float) -> dict[tuple[str, st
         try:
             with worker_threads(dispatcher.address, 1), RawClient(dispatcher.address) as client:
                 assert client.hello().type == "welcome"
-                wait_for(lambda: dispatcher.snapshot and dispatcher.snapshot["workers"], 10,
+                wait_for(lambda: dispatcher.snapshot and dispatcher.snapshot.workers, 10,
                          "the worker")
                 assert client.open("s", credits=2).type == "opened"
                 seen = [0]

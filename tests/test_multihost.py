@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from augserver.plan import ShardPlan
+from augserver.stats import DispatcherStats
 from tests.service_helpers import REPO, end_process, make_npz, wait_for, write_config
 
 PORT = 5555
@@ -79,14 +80,16 @@ class Hosts:
         self.procs.append(proc)
         return proc
 
-    def status(self) -> dict:
-        """The dispatcher's stats, asked from its own host over loopback."""
+    def status(self) -> DispatcherStats | None:
+        """The dispatcher's stats, asked from its own host over loopback (``status --json``)."""
         result = subprocess.run(
             ["ip", "netns", "exec", self.names["disp"], sys.executable, "-m", "augserver",
              "status", "--json", "--timeout", "2", "--connect", f"tcp://127.0.0.1:{PORT}"],
             cwd=REPO, capture_output=True, text=True, timeout=30,
         )
-        return json.loads(result.stdout) if result.returncode == 0 else {}
+        if result.returncode != 0:
+            return None
+        return DispatcherStats.from_dict(json.loads(result.stdout))
 
     def cut(self, host: str) -> None:
         """Pull ``host``'s cable: its end of the link goes down."""
@@ -152,8 +155,8 @@ def _start_job(hosts: Hosts, tmp_path: Path) -> None:
                     "--log-level", "WARNING", log=log)
 
     def ready() -> bool:
-        workers = hosts.status().get("workers", [])
-        return len(workers) == 2 and all(w["free_slots"] + w["in_flight"] for w in workers)
+        workers = stats.workers if (stats := hosts.status()) else []
+        return len(workers) == 2 and all(w.free_slots + w.in_flight for w in workers)
 
     wait_for(ready, 30, "two workers on their own hosts", interval=0.2)
 
@@ -182,8 +185,10 @@ def test_full_epoch_across_hosts_arrives_exactly_once(hosts: Hosts, tmp_path: Pa
     _start_job(hosts, tmp_path)
     seen = _received(_run_client(hosts, tmp_path), tmp_path)
     assert sorted(seen) == _epoch() and len(seen) == len(set(seen)) == N
-    workers = hosts.status()["workers"]
-    assert [w["tasks_done"] > 0 for w in workers] == [True, True], "both hosts served tasks"
+    stats = hosts.status()
+    assert stats is not None
+    workers = stats.workers
+    assert [w.tasks_done > 0 for w in workers] == [True, True], "both hosts served tasks"
 
 
 def test_worker_host_cut_off_mid_epoch_still_exactly_once(
@@ -203,6 +208,7 @@ def test_worker_host_cut_off_mid_epoch_still_exactly_once(
     seen = _received(client, tmp_path)
     assert sorted(seen) == _epoch() and len(seen) == len(set(seen)) == N
     stats = hosts.status()
-    assert len(stats["workers"]) == 1, "the cut-off worker is gone"
-    assert stats["counters"]["tasks_reissued"] >= 1
+    assert stats is not None
+    assert len(stats.workers) == 1, "the cut-off worker is gone"
+    assert stats.counters.tasks_reissued >= 1
     assert time.monotonic() - start < 30

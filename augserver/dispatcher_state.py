@@ -1,0 +1,398 @@
+"""The dispatcher's state: peers, streams, tasks and credits, with no sockets and no clock.
+
+:class:`DispatcherState` changes only through its methods, each given the time ``now`` when it
+matters, and says what to send instead of sending: :meth:`~DispatcherState.schedule` returns
+the tasks to hand out, :meth:`~DispatcherState.result` returns a :class:`ResultOutcome`,
+:meth:`~DispatcherState.open` an :class:`OpenOutcome`. The I/O shell
+(:class:`augserver.dispatcher.Dispatcher`) turns messages into these calls and outcomes into
+messages, so scheduling, re-issue and the credit bounds are tested here without sockets.
+
+Scheduling and flow control. One task is one batch position; every issue of a position gets a
+new, increasing task id. A stream's credits are the batches its client granted and has not
+received yet; a task is assigned only while the stream's tasks in flight are fewer than its
+credits, and delivering the batch spends the credit. Credits never exceed
+``max(1, limits.max_prefetch_bytes // batch_bytes)`` (extra grants are ignored), so what is
+in flight for a stream is bounded in bytes. The lowest pending position is always assigned
+first, streams take turns, and a worker gets at most the slots it announced with ``ready``
+(each result gives its slot back).
+
+Failures. A worker silent for ``limits.heartbeat_timeout`` seconds and a client silent for
+:data:`CLIENT_TIMEOUT` seconds are :meth:`~DispatcherState.expired`; forgetting a worker
+returns its tasks to their streams, forgetting a client ends its streams. A result for a task
+that is no longer out (re-issued, or its stream ended) is a duplicate and dropped; a result
+that does not match its task is rejected and its task re-issued.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from augserver import protocol
+from augserver.config import JobConfig
+from augserver.plan import ShardPlan
+from augserver.scaling import StreamMeter, estimate
+from augserver.stats import (
+    ClientStats,
+    Counters,
+    DispatcherStats,
+    Failure,
+    StreamStats,
+    WorkerStats,
+)
+
+CLIENT_TIMEOUT = 30.0
+"""Seconds without any message after which a client and its streams are forgotten."""
+RECENT_FAILURES = 100
+"""Failed samples kept for ``status``."""
+RATE_WINDOW = 10.0
+"""Seconds over which a worker's samples/s is measured."""
+MAX_STREAMS = 64
+"""Streams one client may have open at once."""
+MAX_WORLD_SIZE = 1 << 16
+"""Largest world size a stream may ask for (a plan holds about len + world_size indices)."""
+MAX_NAME = 256
+"""Longest stream id (and peer name, which is cut) accepted."""
+
+
+@dataclass(eq=False)
+class Stream:
+    """One client's epoch for one rank: what is pending, in flight, and granted."""
+
+    client: bytes
+    id: str
+    plan: ShardPlan
+    ordered: bool
+    credits: int
+    cap: int
+    pending: list[int]  # a heap of positions
+    remaining: int
+    in_flight: dict[int, int] = field(default_factory=dict)  # position -> task id
+    delivered: set[int] = field(default_factory=set)
+    alive: bool = True
+    meter: StreamMeter = field(default_factory=StreamMeter)  # consumption and data-wait
+
+    def can_take(self) -> bool:
+        return bool(self.pending) and len(self.in_flight) < self.credits
+
+
+@dataclass(eq=False)
+class Task:
+    """One issue of one batch position to one worker."""
+
+    id: int
+    stream: Stream
+    position: int
+    batch: np.ndarray  # int64 dataset indices
+    worker: bytes
+
+
+@dataclass(eq=False)
+class Peer:
+    """Someone who said hello: a worker or a client."""
+
+    ident: bytes
+    role: str
+    name: str
+    last_seen: float
+    free: int = 0  # worker: slots announced and not yet used
+    tasks: set[int] = field(default_factory=set)  # worker: task ids in flight
+    tasks_done: int = 0
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # worker: (time, samples)
+    streams: dict[str, Stream] = field(default_factory=dict)  # client: by stream id
+
+
+RELAY, DUPLICATE, REJECTED, FAILED = "relay", "duplicate", "rejected", "failed"
+
+
+@dataclass
+class ResultOutcome:
+    """What a worker's result led to.
+
+    - ``relay``: send it to ``task.stream``'s client as batch ``task.position``; ``end``: it
+      was the stream's last, so ``end`` follows (the stream is already forgotten);
+    - ``duplicate``: a late or repeated result, dropped;
+    - ``rejected``: it does not match its task (``problem`` says how); the task is re-issued;
+    - ``failed``: a sample failed under ``error_policy: fail``; ``problem`` is the stream's
+      error for its client (the stream is already forgotten).
+    """
+
+    kind: str
+    task: Task | None = None
+    problem: str | None = None
+    end: bool = False
+
+
+@dataclass
+class OpenOutcome:
+    """What an ``open`` led to: an ``error`` for the client, or ``opened`` with
+    ``num_batches`` (then ``end`` too when nothing is left to send: ``stream`` is None)."""
+
+    error: str | None = None
+    num_batches: int = 0
+    stream: Stream | None = None
+
+
+class DispatcherState:
+    """Peers, streams and tasks of one job over a dataset of ``dataset_len`` samples."""
+
+    def __init__(self, config: JobConfig, dataset_len: int) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.dataset_len = dataset_len
+        self.layout = config.layout
+        self.batch_bytes = self.layout.message_bytes(config.batch_size)
+        self.cap = max(1, self.limits.max_prefetch_bytes // self.batch_bytes)
+        self.peers: dict[bytes, Peer] = {}
+        self.streams: dict[tuple[bytes, str], Stream] = {}
+        self.tasks: dict[int, Task] = {}
+        self.task_ids = itertools.count()
+        self.turn = 0  # round-robin pointer over streams
+        self.counters = Counters()
+        self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+
+    # ------------------------------------------------------------------ peers
+
+    def join(self, ident: bytes, role: str, name: str, now: float) -> Peer:
+        """A worker or client said hello (a peer saying hello again starts afresh)."""
+        self.forget(ident)
+        peer = self.peers[ident] = Peer(ident, role, name[:MAX_NAME], now)
+        return peer
+
+    def forget(self, ident: bytes) -> Peer | None:
+        """Drop a peer: a worker's tasks go back to their streams, a client's streams end."""
+        peer = self.peers.pop(ident, None)
+        if peer is None:
+            return None
+        for task_id in sorted(peer.tasks):
+            task = self.tasks.pop(task_id, None)
+            if task is not None and task.stream.alive:
+                del task.stream.in_flight[task.position]
+                heapq.heappush(task.stream.pending, task.position)
+                self.counters.tasks_reissued += 1
+        for stream in list(peer.streams.values()):
+            self.drop_stream(stream)
+        return peer
+
+    def expired(self, now: float) -> list[tuple[Peer, float]]:
+        """The peers silent too long, with their silence in seconds (not yet forgotten)."""
+        timeout = {"worker": self.limits.heartbeat_timeout, "client": CLIENT_TIMEOUT}
+        return [(p, now - p.last_seen) for p in self.peers.values()
+                if now - p.last_seen > timeout[p.role]]
+
+    # ------------------------------------------------------------------ workers
+
+    def ready(self, worker: Peer, slots: int) -> None:
+        """``worker`` announced ``slots`` more free slots (never more than it may hold)."""
+        room = self.limits.worker_slots - len(worker.tasks)
+        worker.free = max(0, min(worker.free + slots, room))
+
+    def result(self, worker: Peer, message: protocol.Message, now: float) -> ResultOutcome:
+        """A worker's ``result``; it also gives back the slot its task used."""
+        try:
+            return self._take_result(worker, message, now)
+        finally:
+            self.ready(worker, 1)
+
+    def _take_result(self, worker: Peer, message: protocol.Message, now: float) -> ResultOutcome:
+        task = self.tasks.get(message["task"])
+        if task is None or task.worker != worker.ident or task.position in task.stream.delivered:
+            self.counters.duplicates_dropped += 1
+            return ResultOutcome(DUPLICATE)
+        del self.tasks[task.id]
+        worker.tasks.discard(task.id)
+        stream = task.stream
+        del stream.in_flight[task.position]
+        problem = self._check_result(task, message)
+        if problem is not None:
+            heapq.heappush(stream.pending, task.position)
+            self.counters.tasks_reissued += 1
+            return ResultOutcome(REJECTED, task, f"result of task {task.id}: {problem}; "
+                                                 "task re-issued")
+        failed = message["failed"]
+        samples = message.specs[2][1][0]
+        self._record(worker, failed, samples, now)
+        if failed and self.config.error_policy == "fail":
+            self.drop_stream(stream)
+            index, path, error = failed[0]
+            return ResultOutcome(FAILED, task, f"sample {index} ({path}) cannot be used and "
+                                               f"error_policy is fail: {error}")
+        stream.credits -= 1
+        stream.meter.delivered(now, samples, stream.credits)
+        stream.delivered.add(task.position)
+        stream.remaining -= 1
+        end = stream.remaining == 0
+        if end:
+            self.drop_stream(stream)
+        return ResultOutcome(RELAY, task, end=end)
+
+    def _check_result(self, task: Task, message: protocol.Message) -> str | None:
+        """What is wrong with a result's arrays for ``task``, or None. The usual result (every
+        sample made) is recognised by its shapes and index bytes, without numpy."""
+        problem = self.layout.problem(message.specs)
+        if problem is not None or message.frames[2].bytes == task.batch.tobytes():
+            return problem
+        made = message.arrays[2].tolist()
+        if Counter(made) + Counter(f[0] for f in message["failed"]) != Counter(task.batch.tolist()):
+            return "its indices and failures do not match the task's indices"
+        return None
+
+    def _record(self, worker: Peer, failed: list[list[Any]], samples: int, now: float) -> None:
+        worker.tasks_done += 1
+        worker.recent.append((now, samples))
+        while worker.recent and worker.recent[0][0] < now - RATE_WINDOW:
+            worker.recent.popleft()
+        self.failures.extend(Failure(index, path, error) for index, path, error in failed)
+        self.counters.samples_failed += len(failed)
+
+    # ------------------------------------------------------------------ clients
+
+    def open(self, client: Peer, fields: dict[str, Any], now: float) -> OpenOutcome:
+        """A client's ``open``: a stream for one rank's share of one epoch (a stream id
+        already open is replaced); positions in ``done`` are not sent again."""
+        sid = fields["stream"]
+        old = client.streams.get(sid)
+        if old is not None:
+            self.drop_stream(old)
+        try:
+            if len(sid) > MAX_NAME:
+                raise ValueError(f"a stream id is at most {MAX_NAME} characters")
+            if fields["world_size"] > MAX_WORLD_SIZE:
+                raise ValueError(f"world_size {fields['world_size']} exceeds {MAX_WORLD_SIZE}")
+            if len(client.streams) >= MAX_STREAMS:
+                raise ValueError(f"this client already has {MAX_STREAMS} open streams")
+            plan = ShardPlan(self.config.seed, fields["epoch"], self.dataset_len,
+                             fields["rank"], fields["world_size"], self.config.batch_size,
+                             self.config.drop_last)
+            num_batches = plan.num_batches
+        except ValueError as exc:
+            return OpenOutcome(error=f"cannot open stream {sid[:MAX_NAME]}: {exc}")
+        pending = _missing(num_batches, fields["done"])
+        if not pending:
+            return OpenOutcome(num_batches=num_batches)
+        stream = Stream(client.ident, sid, plan, fields["ordered"],
+                        min(fields["credits"], self.cap), self.cap, pending, len(pending))
+        client.streams[sid] = stream
+        self.streams[(client.ident, sid)] = stream
+        stream.meter.credits(now, stream.credits)
+        return OpenOutcome(num_batches=num_batches, stream=stream)
+
+    def credit(self, client: Peer, sid: str, n: int, now: float) -> None:
+        """The client consumed ``n`` batches of stream ``sid``: that many more may go out."""
+        stream = client.streams.get(sid)
+        if stream is not None:  # else: ended already, a grant still on its way
+            stream.credits = min(stream.credits + n, stream.cap)
+            stream.meter.credits(now, stream.credits)
+
+    def close(self, client: Peer, sid: str) -> None:
+        stream = client.streams.get(sid)
+        if stream is not None:
+            self.drop_stream(stream)
+
+    def drop_stream(self, stream: Stream) -> None:
+        """Forget a stream; results of its tasks still in flight will be dropped."""
+        if not stream.alive:
+            return
+        stream.alive = False
+        self.streams.pop((stream.client, stream.id), None)
+        client = self.peers.get(stream.client)
+        if client is not None and client.streams.get(stream.id) is stream:
+            del client.streams[stream.id]
+        for task_id in stream.in_flight.values():
+            task = self.tasks.pop(task_id, None)
+            worker = self.peers.get(task.worker) if task else None
+            if worker is not None:
+                worker.tasks.discard(task_id)
+        stream.in_flight.clear()
+        stream.pending.clear()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> list[Task]:
+        """Assign tasks while some worker has a free slot and some stream may take one: one
+        task per worker per round, the workers with the most free slots first. Returns the
+        new tasks, in order, for the shell to send."""
+        assigned: list[Task] = []
+        if not self.streams:
+            return assigned
+        idle = sorted((p for p in self.peers.values() if p.role == "worker" and p.free > 0),
+                      key=lambda p: p.free, reverse=True)
+        while idle:
+            for worker in idle:
+                stream = self._next_stream()
+                if stream is None:
+                    return assigned
+                assigned.append(self._assign(worker, stream))
+            idle = [w for w in idle if w.free > 0]
+        return assigned
+
+    def _next_stream(self) -> Stream | None:
+        streams = list(self.streams.values())
+        for offset in range(len(streams)):
+            stream = streams[(self.turn + offset) % len(streams)]
+            if stream.can_take():
+                self.turn = (self.turn + offset + 1) % len(streams)
+                return stream
+        return None
+
+    def _assign(self, worker: Peer, stream: Stream) -> Task:
+        position = heapq.heappop(stream.pending)
+        task = Task(next(self.task_ids), stream, position, stream.plan.batch(position),
+                    worker.ident)
+        self.tasks[task.id] = task
+        stream.in_flight[position] = task.id
+        worker.tasks.add(task.id)
+        worker.free -= 1
+        return task
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats(self, now: float, *, uptime: float, address: str,
+              summary: dict[str, Any]) -> DispatcherStats:
+        """Everything ``augserver status`` shows, at ``now``."""
+        peers = list(self.peers.values())
+        workers = [_worker_stats(p, now) for p in peers if p.role == "worker"]
+        clients = [
+            ClientStats(p.name, round(now - p.last_seen, 3),
+                        [_stream_stats(s, now) for s in p.streams.values()])
+            for p in peers if p.role == "client"
+        ]
+        return DispatcherStats(
+            uptime_s=round(uptime, 3), address=address, dataset_len=self.dataset_len,
+            config=summary, workers=workers, clients=clients,
+            scaling=estimate([w.samples_per_s for w in workers],
+                             [s for c in clients for s in c.streams]),
+            counters=Counters(**vars(self.counters)), recent_failures=list(self.failures),
+        )
+
+
+def _worker_stats(worker: Peer, now: float) -> WorkerStats:
+    recent = [(t, n) for t, n in worker.recent if t >= now - RATE_WINDOW]
+    span = min(RATE_WINDOW, now - recent[0][0]) if recent else 0.0
+    rate = sum(n for _, n in recent) / span if span > 0 else 0.0
+    return WorkerStats(worker.name, worker.tasks_done, round(rate, 1), len(worker.tasks),
+                       worker.free, round(now - worker.last_seen, 3))
+
+
+def _stream_stats(stream: Stream, now: float) -> StreamStats:
+    plan = stream.plan
+    return StreamStats(
+        stream=stream.id, epoch=plan.epoch, rank=plan.rank, world_size=plan.world_size,
+        ordered=stream.ordered, num_batches=plan.num_batches, delivered=len(stream.delivered),
+        credits=stream.credits, in_flight=len(stream.in_flight), pending=len(stream.pending),
+        **stream.meter.stats(now),
+    )
+
+
+def _missing(num_batches: int, done: list[list[int]]) -> list[int]:
+    """Positions ``0..num_batches-1`` not covered by the ``[start, end)`` ranges in ``done``
+    (sorted, so already a heap); ranges are clipped, so a huge range costs nothing."""
+    have = np.zeros(num_batches, bool)
+    for start, end in done:
+        have[min(start, num_batches):min(end, num_batches)] = True
+    return np.flatnonzero(~have).tolist()

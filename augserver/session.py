@@ -1,0 +1,141 @@
+"""Opening a session with the dispatcher as one role: the socket, ``hello`` and its answer.
+
+Workers, ``augserver status`` and the training-side loader all connect a DEALER socket to the
+dispatcher's ROUTER and say ``hello`` (see :mod:`augserver.protocol`); the dispatcher answers
+``welcome`` (``status`` for the status role) or ``refused``. This module is the one place that
+conversation is written, together with the hint that explains a dispatcher that never answers
+(down, or CURVE keys it does not accept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from augserver import protocol
+from augserver.errors import ProtocolError, RemoteError, SessionTimeout
+from augserver.security import ClientKeys
+
+_POLL_MS = 100
+
+
+class Refused(RemoteError):
+    """The dispatcher refused this peer (a version mismatch, say); final, never retried."""
+
+
+@dataclass(frozen=True)
+class KeyNames:
+    """How a program calls its two CURVE keys, for the hints it prints."""
+
+    own: str
+    server: str
+
+
+FLAGS = KeyNames("--key", "--server-key")
+"""The command-line flags of ``augserver worker`` and ``augserver status``."""
+ARGUMENTS = KeyNames("curve_key", "server_key")
+"""The keyword arguments of ``RemoteAugMixLoader``."""
+
+
+def connection_hint(curve: bool, names: KeyNames = FLAGS) -> str:
+    """Why a dispatcher may never answer: it is down, or CURVE keeps this peer out."""
+    if curve:
+        return (f"if it is up, CURVE authentication failed: check {names.own}, {names.server} "
+                "and that this side's public key is in the dispatcher's allow-list")
+    return (f"if it is up, it may require CURVE keys: pass {names.own} (this side's secret key) "
+            f"and {names.server} (the dispatcher's public key)")
+
+
+def dealer(
+    context: zmq.Context,
+    address: str,
+    keys: ClientKeys | None = None,
+    *,
+    immediate: bool = False,
+    reconnect_ms: tuple[int, int] | None = None,
+) -> zmq.Socket:
+    """A DEALER socket connected to ``address``: no linger, no receive high-water mark (credits
+    bound what arrives), CURVE when ``keys`` are given. ``immediate`` queues nothing before the
+    connection is up; ``reconnect_ms`` is ``(interval, max interval)`` of reconnection."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    if reconnect_ms is not None:
+        sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ms[0])
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ms[1])
+    if keys is not None:
+        keys.apply(sock)
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ValueError(f"cannot connect to {address!r}: {exc}") from None
+    return sock
+
+
+def hello(role: str, name: str) -> list[bytes]:
+    """The ``hello`` of ``role``: workers and clients name the versions that decide pixel
+    bytes (the dispatcher refuses a worker that differs); ``status`` needs none."""
+    versions = protocol.pixel_versions() if role != "status" else {}
+    return protocol.encode("hello", role=role, protocol=protocol.PROTOCOL_VERSION,
+                           versions=versions, name=name)
+
+
+def handshake(
+    sock: zmq.Socket,
+    role: str,
+    name: str,
+    address: str,
+    timeout: float,
+    *,
+    curve: bool,
+    names: KeyNames = FLAGS,
+    stopped: Callable[[], bool] = lambda: False,
+    on_other: Callable[[protocol.Message], None] = lambda message: None,
+) -> protocol.Message | None:
+    """Say hello on ``sock`` once it is connected and return the dispatcher's answer:
+    ``welcome``, or ``status`` for the status role. None when ``stopped()`` turns true.
+
+    Raises :class:`SessionTimeout` (with :func:`connection_hint`) when no connection or no
+    answer comes within ``timeout`` seconds, :class:`Refused` when the dispatcher refuses,
+    :class:`RemoteError` when the answer is not this protocol. Other messages before the
+    answer go to ``on_other``.
+    """
+    answer = "status" if role == "status" else "welcome"
+    deadline = time.monotonic() + timeout
+
+    def expired(what: str) -> SessionTimeout:
+        return SessionTimeout(f"no augserver dispatcher {what} at {address} within "
+                              f"{timeout:g} s ({connection_hint(curve, names)})")
+
+    # Never a blocking send: a connection refused by CURVE can leave the socket no pipe.
+    while not sock.poll(_POLL_MS, zmq.POLLOUT):
+        if stopped():
+            return None
+        if time.monotonic() >= deadline:
+            raise expired("reachable")
+    sock.send_multipart(hello(role, name), flags=zmq.NOBLOCK)
+    while not stopped():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise expired("answered")
+        if not sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1, zmq.POLLIN):
+            continue
+        try:
+            message = protocol.decode(sock.recv_multipart(copy=False))
+        except ProtocolError as exc:
+            raise RemoteError(f"the peer at {address} speaks another protocol: {exc}") from None
+        if message.type == answer:
+            return message
+        if message.type == "refused":
+            raise Refused(f"the dispatcher at {address} refused this {role}: "
+                          f"{message['reason']}")
+        if message.type == "error" and role == "status":
+            raise Refused(f"the dispatcher at {address} refused: {message['message']}")
+        on_other(message)
+    return None

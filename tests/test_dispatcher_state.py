@@ -1,0 +1,279 @@
+"""The dispatcher's state machine driven directly: no sockets, no clock, milliseconds a test."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from augserver import protocol
+from augserver.config import JobConfig, config_from_dict
+from augserver.dispatcher_state import (
+    CLIENT_TIMEOUT,
+    DUPLICATE,
+    FAILED,
+    REJECTED,
+    RELAY,
+    DispatcherState,
+    Peer,
+    Task,
+)
+
+N = 20  # samples; batch 2: 10 positions per single-rank epoch
+
+
+def config(**keys: object) -> JobConfig:
+    data = {"dataset": {"format": "npz", "path": "/nowhere.npz"}, "preprocess": "cifar",
+            "batch_size": 2, "limits": {"heartbeat_interval": 1.0, "heartbeat_misses": 3,
+                                        "worker_slots": 2}, **keys}
+    return config_from_dict(data, check_paths=False)
+
+
+def open_fields(sid: str = "s", credits: int = 4, done: list[list[int]] | None = None,
+                rank: int = 0, world_size: int = 1) -> dict[str, object]:
+    return {"stream": sid, "epoch": 0, "rank": rank, "world_size": world_size,
+            "ordered": False, "credits": credits, "done": done or []}
+
+
+def result(state: DispatcherState, task: Task, indices: list[int] | None = None,
+           failed: list[list[object]] | None = None, side: int = 32) -> protocol.Message:
+    """A worker's result for ``task`` as it arrives off the wire."""
+    made = task.batch.tolist() if indices is None else indices
+    views = np.zeros(state.layout.views_shape(len(made)), np.uint8)
+    if side != 32:
+        views = np.zeros((3, len(made), side, side, 3), np.uint8)
+    arrays = [views, np.zeros(len(made), np.int64), np.array(made, np.int64)]
+    frames = protocol.encode("result", arrays, task=task.id, failed=failed or [])
+    return protocol.decode([zmq.Frame(bytes(f)) for f in frames])
+
+
+def setup(workers: int = 1, credits: int = 4, **keys: object):
+    state = DispatcherState(config(**keys), N)
+    ws = [state.join(f"w{i}".encode(), "worker", f"w{i}", 0.0) for i in range(workers)]
+    for w in ws:
+        state.ready(w, 2)
+    client = state.join(b"c", "client", "c", 0.0)
+    opened = state.open(client, open_fields(credits=credits), 0.0)
+    return state, ws, client, opened
+
+
+def check_invariants(state: DispatcherState) -> None:
+    """What must hold between any two events."""
+    for stream in state.streams.values():
+        assert len(stream.in_flight) <= stream.credits <= stream.cap
+        pending, flying = set(stream.pending), set(stream.in_flight)
+        assert not pending & flying and not pending & stream.delivered
+        assert not flying & stream.delivered
+        assert len(pending) + len(flying) == stream.remaining
+    for task in state.tasks.values():
+        assert task.stream.alive and task.stream.in_flight[task.position] == task.id
+        assert task.id in state.peers[task.worker].tasks
+    for peer in state.peers.values():
+        if peer.role == "worker":
+            assert peer.free >= 0 and len(peer.tasks) + peer.free <= state.limits.worker_slots
+            assert all(t in state.tasks for t in peer.tasks)
+
+
+def test_schedule_returns_tasks_lowest_position_first_within_credits() -> None:
+    state, _, _, opened = setup(workers=2, credits=3)
+    assert opened.error is None and opened.num_batches == 10
+    tasks = state.schedule()
+    assert [t.position for t in tasks] == [0, 1, 2]  # 4 free slots, 3 credits
+    assert state.schedule() == []
+    stream = opened.stream
+    np.testing.assert_array_equal(tasks[0].batch, stream.plan.batch(0))
+    check_invariants(state)
+
+
+def test_a_relayed_result_spends_a_credit_and_the_last_one_ends_the_stream() -> None:
+    state, (w,), client, opened = setup(credits=10)
+    stream = opened.stream
+    delivered = []
+    while True:
+        tasks = state.schedule()
+        if not tasks:
+            break
+        for task in tasks:
+            outcome = state.result(w, result(state, task), 1.0)
+            assert outcome.kind == RELAY
+            delivered.append(task.position)
+            state.credit(client, "s", 1, 1.0)
+            check_invariants(state)
+    assert sorted(delivered) == list(range(10))
+    assert outcome.end and not stream.alive and state.streams == {}
+
+
+def test_a_dead_workers_tasks_are_reissued_and_its_late_result_is_dropped() -> None:
+    state, (w0, w1), client, _ = setup(workers=2, credits=4)
+    tasks = state.schedule()
+    lost = [t for t in tasks if t.worker == w0.ident]
+    kept = [t for t in tasks if t.worker == w1.ident]
+    assert len(lost) == len(kept) == 2
+    assert [(p, s) for p, s in state.expired(3.5) if p.role == "worker"] == [(w0, 3.5), (w1, 3.5)]
+    w1.last_seen = 3.0  # w1 heartbeats, w0 stays silent
+    assert [p for p, _ in state.expired(3.5) if p.role == "worker"] == [w0]
+    state.forget(w0.ident)
+    assert state.counters.tasks_reissued == len(lost)
+    check_invariants(state)
+    assert state.schedule() == []  # w1's slots are full
+    for task in kept:
+        assert state.result(w1, result(state, task), 4.0).kind == RELAY
+    state.credit(client, "s", 2, 4.0)
+    again = state.schedule()
+    assert [t.position for t in again] == sorted(t.position for t in lost)
+    assert all(t.worker == w1.ident for t in again)
+    late = state.result(w0, result(state, lost[0]), 4.0)
+    assert late.kind == DUPLICATE and state.counters.duplicates_dropped == 1
+    check_invariants(state)
+
+
+def test_a_result_that_does_not_match_its_task_is_rejected_and_reissued() -> None:
+    state, (w,), _, _ = setup(credits=1)
+    [task] = state.schedule()
+    outcome = state.result(w, result(state, task, indices=[task.batch[0] ^ 1, task.batch[1]]),
+                           1.0)
+    assert outcome.kind == REJECTED and "do not match" in outcome.problem
+    [again] = state.schedule()
+    assert again.position == task.position and again.id != task.id
+    outcome = state.result(w, result(state, again, side=16), 1.0)
+    assert outcome.kind == REJECTED and "views are" in outcome.problem
+    assert state.counters.tasks_reissued == 2
+    check_invariants(state)
+
+
+def test_failed_samples_relay_under_skip_and_fail_the_stream_under_fail() -> None:
+    for policy, kind in (("skip", RELAY), ("fail", FAILED)):
+        state, (w,), _, opened = setup(credits=1, error_policy=policy)
+        [task] = state.schedule()
+        bad = int(task.batch[0])
+        outcome = state.result(w, result(state, task, indices=[int(task.batch[1])],
+                                         failed=[[bad, "x.png", "broken"]]), 1.0)
+        assert outcome.kind == kind and state.counters.samples_failed == 1
+        assert state.failures[-1].path == "x.png"
+        assert opened.stream.alive == (policy == "skip")
+        if policy == "fail":
+            assert "x.png" in outcome.problem and state.tasks == {}
+
+
+def test_credits_are_capped_in_bytes_and_late_grants_are_ignored() -> None:
+    state = DispatcherState(config(limits={"max_prefetch_bytes": 1}), N)
+    client = state.join(b"c", "client", "c", 0.0)
+    stream = state.open(client, open_fields(credits=1000), 0.0).stream
+    assert stream.cap == 1 and stream.credits == 1
+    state.credit(client, "s", 50, 0.0)
+    assert stream.credits == 1
+    state.credit(client, "gone", 5, 0.0)  # a stream that ended already: nothing happens
+
+
+def test_open_skips_what_the_client_has_and_refuses_what_it_cannot_plan() -> None:
+    state, _, client, _ = setup()
+    assert state.open(client, open_fields("t", done=[[0, 10]]), 0.0).stream is None
+    partial = state.open(client, open_fields("u", done=[[0, 4], [6, 1 << 40]]), 0.0)
+    assert sorted(partial.stream.pending) == [4, 5]
+    bad = state.open(client, open_fields("v", rank=3, world_size=2), 0.0)
+    assert bad.error is not None and "cannot open stream v" in bad.error
+
+
+def test_silent_clients_expire_and_take_their_streams_with_them() -> None:
+    state, (w,), client, _ = setup()
+    tasks = state.schedule()
+    assert [p for p, _ in state.expired(CLIENT_TIMEOUT + 1)] == [w, client]
+    state.forget(client.ident)
+    assert state.streams == {} and state.tasks == {} and w.tasks == set()
+    assert state.result(w, result(state, tasks[0]), 40.0).kind == DUPLICATE
+
+
+def test_streams_take_turns() -> None:
+    state, _, client, _ = setup(workers=2, credits=1)
+    state.open(client, open_fields("t", credits=1), 0.0)
+    tasks = state.schedule()
+    assert sorted(t.stream.id for t in tasks) == ["s", "t"]
+
+
+EVENTS = st.lists(
+    st.tuples(st.sampled_from(["schedule", "answer", "credit", "kill", "join", "ready", "dup"]),
+              st.integers(0, 7)),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=EVENTS, credits=st.integers(0, 5), world_size=st.integers(1, 3))
+def test_any_sequence_of_events_keeps_the_invariants_and_delivers_each_position_once(
+    events: list[tuple[str, int]], credits: int, world_size: int
+) -> None:
+    state = DispatcherState(config(), N)
+    client = state.join(b"c", "client", "c", 0.0)
+    streams = [state.open(client, open_fields(f"r{r}", credits, rank=r,
+                                              world_size=world_size), 0.0).stream
+               for r in range(world_size)]
+    workers: list[Peer] = []
+    out: list[Task] = []  # tasks handed out and not answered yet, as the workers see them
+    delivered: Counter[tuple[str, int]] = Counter()
+    answered: list[tuple[Peer, Task]] = []
+
+    def join() -> None:
+        worker = state.join(f"w{len(workers)}".encode(), "worker", "w", 0.0)
+        state.ready(worker, 2)
+        workers.append(worker)
+
+    def answer(task: Task) -> None:
+        worker = state.peers.get(task.worker)
+        if worker is None:
+            return
+        outcome = state.result(worker, result(state, task), 0.0)
+        answered.append((worker, task))
+        if outcome.kind == RELAY:
+            delivered[(task.stream.id, task.position)] += 1
+
+    join()
+    for event, k in events:
+        if event == "schedule":
+            out += state.schedule()
+        elif event == "answer" and out:
+            answer(out.pop(k % len(out)))
+        elif event == "credit":
+            state.credit(client, streams[k % world_size].id, 1 + k % 3, 0.0)
+        elif event == "kill" and workers:
+            victim = workers.pop(k % len(workers))
+            state.forget(victim.ident)
+        elif event == "join":
+            join()
+        elif event == "ready" and workers:
+            state.ready(workers[k % len(workers)], 1 + k % 2)
+        elif event == "dup" and answered:
+            worker, task = answered[k % len(answered)]
+            if worker.ident in state.peers:
+                assert state.result(worker, result(state, task), 0.0).kind == DUPLICATE
+        check_invariants(state)
+    # Drain: the workers answer what they hold; a fresh worker and plenty of credits finish
+    # every stream.
+    for task in out:
+        answer(task)
+    join()
+    for stream in streams:
+        state.credit(client, stream.id, 100, 0.0)
+    for _ in range(200):
+        out = state.schedule()
+        if not out:
+            break
+        for task in out:
+            answer(task)
+        check_invariants(state)
+    assert state.streams == {} and state.tasks == {}
+    for stream in streams:
+        positions = [p for (sid, p), n in delivered.items() if sid == stream.id]
+        assert sorted(positions) == list(range(stream.plan.num_batches))
+    assert set(delivered.values()) == {1}
+
+
+@pytest.mark.parametrize("slots", [0, 1, 5])
+def test_a_worker_never_holds_more_than_its_slots(slots: int) -> None:
+    state, (w,), _, _ = setup(credits=10)
+    state.ready(w, slots)
+    assert len(state.schedule()) == 2 and w.free == 0
+    check_invariants(state)

@@ -47,6 +47,8 @@ from tests.service_helpers import (
     write_config,
 )
 
+V = protocol.PROTOCOL_VERSION  # the version this side speaks
+
 BATCH_BYTES = 3 * 4 * 32 * 32 * 3 + 16 * 4  # jsd views, batch 4, 32 px, labels + indices
 
 
@@ -209,7 +211,7 @@ def test_unknown_peer_is_reset_and_a_restarted_dispatcher_gets_its_worker_back(
 
 
 def _header(**fields: Any) -> bytes:
-    return msgpack.packb({"v": protocol.PROTOCOL_VERSION, "arrays": [], **fields})
+    return msgpack.packb({"v": V, "arrays": [], **fields})
 
 
 MALFORMED: dict[str, list[bytes]] = {
@@ -223,11 +225,11 @@ MALFORMED: dict[str, list[bytes]] = {
     "missing field": [_header(t="credit", stream="s")],
     "extra field": [_header(t="ping", extra=1)],
     "array size mismatch": [
-        msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "result", "task": 0, "failed": [],
+        msgpack.packb({"v": V, "t": "result", "task": 0, "failed": [],
                        "arrays": [["|u1", [10]]]}), b"12345"],
-    "frame count mismatch": [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [["|u1", [1]]]})],
-    "forbidden dtype": [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [["|O", [1]]]}), b"x"],
-    "extension type": [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [],
+    "frame count mismatch": [msgpack.packb({"v": V, "t": "ping", "arrays": [["|u1", [1]]]})],
+    "forbidden dtype": [msgpack.packb({"v": V, "t": "ping", "arrays": [["|O", [1]]]}), b"x"],
+    "extension type": [msgpack.packb({"v": V, "t": "ping", "arrays": [],
                                       "x": msgpack.ExtType(1, b"boom")})],
     "oversized header": [_header(t="ping", pad="x" * (protocol.MAX_HEADER_BYTES + 10))],
     "wrong role": [protocol.encode("result", task=0, failed=[])[0]],
@@ -250,7 +252,7 @@ def _fuzz_frames(draw: Any) -> list[bytes]:
     mtype = draw(st.sampled_from(_FUZZ_TYPES))
     names = [*sorted(protocol.SCHEMAS[mtype]), "arrays", "junk"]
     fields = draw(st.dictionaries(st.sampled_from(names), _values, max_size=5))
-    header = {"v": protocol.PROTOCOL_VERSION, "t": mtype, **fields}
+    header = {"v": V, "t": mtype, **fields}
     if draw(st.booleans()):
         header["arrays"] = [[draw(st.sampled_from(["|u1", "<i8", "<f4", "<f8"])),
                              draw(st.lists(st.integers(0, 4), max_size=3))]]
@@ -358,7 +360,7 @@ def test_oversized_message_does_not_kill_the_dispatcher(tmp_path: Path) -> None:
             with RawClient(d.address) as big:
                 if role:
                     big.hello(role)
-                header = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [["|u1", [300_000]]]})
+                header = msgpack.packb({"v": V, "t": "ping", "arrays": [["|u1", [300_000]]]})
                 big.send_raw([header, bytes(300_000)])
                 assert big.recv(0.3) is None  # disconnected, not answered
         assert request_status(d.address).dataset_len == 16

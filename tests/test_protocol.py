@@ -12,10 +12,12 @@ import zmq
 from augserver import protocol
 from augserver.protocol import ProtocolError, decode, encode, relay
 
+V = protocol.PROTOCOL_VERSION  # the version this side speaks
+
 
 def header(mtype: str = "ping", arrays: list[Any] | None = None, **fields: Any) -> bytes:
     return msgpack.packb(
-        {"v": protocol.PROTOCOL_VERSION, "t": mtype, "arrays": arrays or [], **fields}
+        {"v": V, "t": mtype, "arrays": arrays or [], **fields}
     )
 
 
@@ -116,7 +118,7 @@ def test_encode_refuses_bad_fields_and_dtypes() -> None:
         ([header("result", task=0, failed=[[1, "p"]])], "'failed'"),
         ([header("error", message="m", stream=3, fatal=False)], "'stream'"),
         ([header("task", task=0, epoch=0, indices=[1, -2])], "'indices'"),
-        ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": "x"})], "'arrays' must be a list"),
+        ([msgpack.packb({"v": V, "t": "ping", "arrays": "x"})], "'arrays' must be a list"),
         ([header("ping", [["|u1", [1]]] * 9), *[b"x"] * 9], "at most 8"),
         ([header("ping", [["|u1", [1]]])], "describes 1 arrays but 0 frames"),
         ([header("ping"), b"x"], "describes 0 arrays but 1 frames"),
@@ -125,9 +127,9 @@ def test_encode_refuses_bad_fields_and_dtypes() -> None:
         ([header("ping", [["|u1", [-1]]]), b""], "badly described"),
         ([header("ping", [["|u1"]]), b""], "badly described"),
         ([header("ping", [["<i8", [2]]]), bytes(15)], "16 bytes"),
-        ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [], "x": msgpack.ExtType(3, b"")})],
+        ([msgpack.packb({"v": V, "t": "ping", "arrays": [], "x": msgpack.ExtType(3, b"")})],
          "extension type 3"),
-        ([msgpack.packb({1: 2, "v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": []})], "not valid msgpack"),
+        ([msgpack.packb({1: 2, "v": V, "t": "ping", "arrays": []})], "not valid msgpack"),
         ([header("ping", pad="x" * protocol.MAX_HEADER_BYTES)], "exceeds"),
     ],
 )
@@ -137,7 +139,7 @@ def test_decode_rejects(frames: list[bytes], problem: str) -> None:
 
 
 def test_timestamps_are_not_decoded_into_objects() -> None:
-    stamp = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "ping", "arrays": [], "x": msgpack.Timestamp(1, 0)},
+    stamp = msgpack.packb({"v": V, "t": "ping", "arrays": [], "x": msgpack.Timestamp(1, 0)},
                           datetime=False)
     with pytest.raises(ProtocolError):
         decode([stamp])

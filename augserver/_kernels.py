@@ -19,19 +19,22 @@ import math
 import numpy as np
 from numba import njit
 
-AUTOCONTRAST = 0
-EQUALIZE = 1
-POSTERIZE = 2
-ROTATE = 3
-SOLARIZE = 4
-SHEAR_X = 5
-SHEAR_Y = 6
-TRANSLATE_X = 7
-TRANSLATE_Y = 8
-COLOR = 9
-CONTRAST = 10
-BRIGHTNESS = 11
-SHARPNESS = 12
+from augserver.op_names import OP_CODES
+
+# Kernel codes, as compile-time constants for numba.
+AUTOCONTRAST = OP_CODES["autocontrast"]
+EQUALIZE = OP_CODES["equalize"]
+POSTERIZE = OP_CODES["posterize"]
+ROTATE = OP_CODES["rotate"]
+SOLARIZE = OP_CODES["solarize"]
+SHEAR_X = OP_CODES["shear_x"]
+SHEAR_Y = OP_CODES["shear_y"]
+TRANSLATE_X = OP_CODES["translate_x"]
+TRANSLATE_Y = OP_CODES["translate_y"]
+COLOR = OP_CODES["color"]
+CONTRAST = OP_CODES["contrast"]
+BRIGHTNESS = OP_CODES["brightness"]
+SHARPNESS = OP_CODES["sharpness"]
 
 # Pillow divides the integer SMOOTH kernel by its scale in float32 (``_imaging.c``).
 _SMOOTH_SIDE = np.float32(1.0) / np.float32(13.0)

@@ -1,4 +1,4 @@
-"""AugmentAndMix (AUGMIX.md): mix chains of random operations with the original image.
+"""AugmentAndMix (docs/augmix.md): mix chains of random operations with the original image.
 
 All randomness comes from the ``numpy.random.Generator`` passed in; :func:`sample_rng`
 derives a sample's generator from ``(seed, epoch, index)`` alone, so a sample's bytes do not
@@ -11,65 +11,14 @@ and rounds to nearest uint8 at the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
 
 from augserver import _kernels
-from augserver.ops import ALL_OPS, OP_CODES, OPS, check_image, op_params, op_value
-
-
-@dataclass(frozen=True)
-class AugMixConfig:
-    """AugMix parameters: the paper's defaults are severity 3 (CIFAR) or 1 (ImageNet).
-
-    ``depth=-1`` draws each chain's depth uniformly from 1..3. ``all_ops`` adds the four
-    operations that overlap ImageNet-C.
-    """
-
-    severity: int = 3
-    width: int = 3
-    depth: int = -1
-    alpha: float = 1.0
-    all_ops: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.severity, bool) or not isinstance(self.severity, int | float):
-            raise TypeError(f"augmix severity must be a number, got {self.severity!r}")
-        if not 1 <= self.severity <= 10:
-            raise ValueError(f"augmix severity must be in 1..10, got {self.severity!r}")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f"augmix width must be an integer >= 1, got {self.width!r}")
-        if (
-            isinstance(self.depth, bool)
-            or not isinstance(self.depth, int)
-            or self.depth == 0
-            or self.depth < -1
-        ):
-            raise ValueError(
-                f"augmix depth must be -1 (random 1..3) or an integer >= 1, got {self.depth!r}"
-            )
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise TypeError(f"augmix alpha must be a number, got {self.alpha!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"augmix alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.all_ops, bool):
-            raise TypeError(f"augmix all_ops must be true or false, got {self.all_ops!r}")
-
-    @property
-    def op_names(self) -> tuple[str, ...]:
-        """The operation set the chains draw from."""
-        return ALL_OPS if self.all_ops else OPS
-
-    @cached_property
-    def _op_codes(self) -> np.ndarray:
-        return np.array([OP_CODES[name] for name in self.op_names], dtype=np.int64)
-
-    @cached_property
-    def _alphas(self) -> np.ndarray:
-        return np.full(self.width, float(self.alpha))
+from augserver.augmix_config import AugMixConfig
+from augserver.op_names import ALL_OPS
+from augserver.ops import check_image, op_params, op_value
 
 
 class Program(NamedTuple):

@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Run the AugMix kernel on real photos, print samples/s and save a preview grid."""
     from PIL import Image
 
-    from augserver import transforms
+    from augserver import preprocessing
     from augserver.augmix import AugMixConfig, augmix_triple, sample_rng
 
     try:
@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         while time.perf_counter() - start < args.seconds or count < 2:
             rng = sample_rng(args.seed, 0, count)
-            image = transforms.preprocess(preprocess, sources[count % len(sources)], rng)
+            image = preprocessing.preprocess(preprocess, sources[count % len(sources)], rng)
             triple = augmix_triple(image, rng, config)
             count += 1
         elapsed = time.perf_counter() - start

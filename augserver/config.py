@@ -61,17 +61,12 @@ from typing import Any, NoReturn
 
 import yaml
 
-from augserver.augmix import AugMixConfig
+from augserver import preprocessing
+from augserver.augmix_config import AugMixConfig
 from augserver.batch import BatchLayout
 from augserver.datasets import FORMATS
 from augserver.errors import ConfigError
 
-# preprocess name: (image size, per-channel mean, per-channel std)
-PREPROCESSING: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]] = {
-    "cifar": (32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-DEFAULT_SEVERITY = {"cifar": 3, "imagenet": 1}  # the AugMix paper's defaults
 ERROR_POLICIES = ("skip", "fail")
 AUGMENT = ("augmix", "none")
 DEFAULT_BIND = "tcp://0.0.0.0:5555"
@@ -147,19 +142,24 @@ class JobConfig:
         return 3 if self.jsd else 1
 
     @property
+    def preprocessing(self) -> preprocessing.Preprocessing:
+        """The record of this job's preprocessing (size, mean/std, train and eval views)."""
+        return preprocessing.get(self.preprocess)
+
+    @property
     def image_size(self) -> int:
         """Side of the square images the preprocessing produces: 32 (cifar) or 224 (imagenet)."""
-        return PREPROCESSING[self.preprocess][0]
+        return self.preprocessing.image_size
 
     @property
     def mean(self) -> tuple[float, ...]:
         """Per-channel (RGB) normalisation mean, on pixels scaled to [0, 1]."""
-        return PREPROCESSING[self.preprocess][1]
+        return self.preprocessing.mean
 
     @property
     def std(self) -> tuple[float, ...]:
         """Per-channel (RGB) normalisation standard deviation, on pixels scaled to [0, 1]."""
-        return PREPROCESSING[self.preprocess][2]
+        return self.preprocessing.std
 
     @property
     def layout(self) -> BatchLayout:
@@ -327,7 +327,7 @@ def _metrics(r: _Reader, data: Any) -> MetricsConfig:
 
 def _augmix(r: _Reader, data: Any, preprocess: str) -> AugMixConfig:
     params = r.section(data, "augmix")
-    params.setdefault("severity", DEFAULT_SEVERITY[preprocess])
+    params.setdefault("severity", preprocessing.get(preprocess).default_severity)
     alpha = params.get("alpha")
     if isinstance(alpha, int | float) and not isinstance(alpha, bool):
         if not math.isfinite(alpha):
@@ -335,12 +335,8 @@ def _augmix(r: _Reader, data: Any, preprocess: str) -> AugMixConfig:
         params["alpha"] = float(alpha)
     try:
         return AugMixConfig(**params)
-    except (TypeError, ValueError) as exc:
-        # AugMixConfig's messages read "augmix <field> <problem>".
-        match = re.fullmatch(r"augmix (\w+) (.*)", str(exc), re.DOTALL)
-        if match and match[1] in _SECTIONS["augmix"]:
-            r.fail(f"augmix.{match[1]}", match[2])
-        r.fail("augmix", str(exc))
+    except ConfigError as exc:  # its message starts with its key
+        raise ConfigError(f"{r.source}: {exc}", r.source, exc.key) from None
 
 
 def config_from_dict(
@@ -367,8 +363,8 @@ def config_from_dict(
         if key not in _TOP_KEYS:
             raise _unknown_key(source, str(key))
     dataset = _dataset(r, data.get("dataset"), check_paths, base_dir)
-    default_pre = "cifar" if dataset.format in ("cifar10", "cifar100") else "imagenet"
-    preprocess = r.choice(data, "preprocess", tuple(PREPROCESSING), default_pre)
+    default_pre = preprocessing.default_for(dataset.format).name
+    preprocess = r.choice(data, "preprocess", preprocessing.NAMES, default_pre)
     limits = r.section(data.get("limits"), "limits")
     bind = data.get("bind", _DEFAULTS["bind"])
     if not isinstance(bind, str) or not _BIND.fullmatch(bind):

@@ -71,7 +71,7 @@ class Dispatcher:
         self.versions = protocol.pixel_versions()
         self.welcome = protocol.encode(
             "welcome", config=config.to_dict(), dataset_len=len(dataset),
-            classes=list(dataset.classes),
+            classes=class_names(dataset),
         )
         self.started = time.monotonic()
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()
@@ -367,6 +367,11 @@ class Dispatcher:
 def _task_message(task: Task) -> list[Any]:
     return protocol.pack("task", (), {"task": task.id, "epoch": task.stream.plan.epoch,
                                       "indices": task.batch.tolist()})
+
+
+def class_names(dataset: Dataset) -> list[str]:
+    """The names of the dataset's classes, by label; unnamed classes (an npz) by number."""
+    return list(dataset.classes) or [str(i) for i in range(dataset.num_classes)]
 
 
 def _open_job_dataset(config: JobConfig) -> Dataset:

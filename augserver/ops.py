@@ -1,4 +1,4 @@
-"""The AugMix operations, bit-exact with the reference Pillow calls of AUGMIX.md.
+"""The AugMix operations, bit-exact with the reference Pillow calls (docs/augmix.md).
 
 Each operation works on a ``uint8`` RGB array of shape ``(height, width, 3)`` and returns a
 new array of the same shape. :func:`apply` takes the concrete parameter (degrees, bits,
@@ -16,30 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from augserver import _kernels
-
-OPS: tuple[str, ...] = (
-    "autocontrast",
-    "equalize",
-    "posterize",
-    "rotate",
-    "solarize",
-    "shear_x",
-    "shear_y",
-    "translate_x",
-    "translate_y",
-)
-"""The nine default operations (no overlap with the ImageNet-C corruptions), reference order."""
-
-EXTRA_OPS: tuple[str, ...] = ("color", "contrast", "brightness", "sharpness")
-"""The four ``all_ops`` extras, which overlap ImageNet-C."""
-
-ALL_OPS: tuple[str, ...] = OPS + EXTRA_OPS
-
-OP_CODES: dict[str, int] = {name: code for code, name in enumerate(ALL_OPS)}
-"""Operation name to kernel code (the index in :data:`ALL_OPS`)."""
-
-SIGNED_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
-"""Operations whose value is negated when ``Uniform(0, 1) > 0.5``."""
+from augserver.op_names import ALL_OPS, EXTRA_OPS, OP_CODES, SIGNED_OPS
 
 Value = int | float | None
 Size = tuple[int, int]
@@ -131,7 +108,7 @@ def op_params(name: str, value: Value, size: Size) -> tuple[float, ...]:
 def apply(name: str, image: np.ndarray, value: Value = None) -> np.ndarray:
     """Apply operation ``name`` with its concrete ``value`` to a uint8 RGB image.
 
-    The result has the bytes of the reference Pillow call (see AUGMIX.md). ``value`` is
+    The result has the bytes of the reference Pillow call (see docs/augmix.md). ``value`` is
     degrees (rotate), bits 1..8 (posterize), threshold (solarize), shear factor, pixel offset
     (translate), enhance factor (color/contrast/brightness/sharpness), or None for
     autocontrast and equalize.

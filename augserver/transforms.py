@@ -257,25 +257,3 @@ def imagenet_eval(source: Source, size: int = 224, resize: int = 256) -> np.ndar
     sx, sy = full_w / new_w, full_h / new_h
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     return _finish(_resized_box(img, box, size), flip=False)
-
-
-# ---------------------------------------------------------------------------- dispatch
-
-PREPROCESS: dict[str, Preprocess] = {"cifar": cifar_train, "imagenet": imagenet_train}
-
-
-EVAL_PREPROCESS: dict[str, Callable[[Source], np.ndarray]] = {
-    "cifar": cifar_eval,
-    "imagenet": imagenet_eval,
-}
-"""The deterministic test-time view of each preprocessing."""
-
-
-def preprocess(name: str, source: Source, rng: np.random.Generator) -> np.ndarray:
-    """Apply the training preprocessing called ``name`` (a key of :data:`PREPROCESS`)."""
-    try:
-        fn = PREPROCESS[name]
-    except KeyError:
-        valid = ", ".join(sorted(PREPROCESS))
-        raise ValueError(f"unknown preprocessing {name!r}; valid names: {valid}") from None
-    return fn(source, rng)

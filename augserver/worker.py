@@ -39,8 +39,8 @@ from augserver.batch import INDICES_DTYPE
 from augserver.config import JobConfig, Limits, config_from_dict
 from augserver.datasets import Dataset, open_dataset
 from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTimeout
+from augserver.preprocessing import preprocess
 from augserver.security import ClientKeys
-from augserver.transforms import preprocess
 
 log = logging.getLogger("augserver.worker")
 

@@ -27,7 +27,7 @@ import skimage.data  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from augserver import ops, transforms  # noqa: E402
+from augserver import op_names, ops, preprocessing  # noqa: E402
 from augserver.augmix import AugMixConfig, augmix_triple, sample_rng  # noqa: E402
 from augserver.reference import PIL_OPS  # noqa: E402
 
@@ -71,7 +71,7 @@ class UsualAugMix:
         for i in range(3):
             image_aug = img.copy()
             for _ in range(rng.integers(1, 4)):
-                name = ops.OPS[rng.integers(len(ops.OPS))]
+                name = op_names.OPS[rng.integers(len(op_names.OPS))]
                 value = ops.sample(name, rng, self.severity, image_aug.size)
                 image_aug = PIL_OPS[name](image_aug, value)
             mix += ws[i] * self.preprocess(image_aug)
@@ -115,7 +115,7 @@ class UsualAugMix:
 def augserver_sample(preprocess: str, config: AugMixConfig) -> Callable:
     def run(source: np.ndarray, index: int) -> tuple:
         rng = sample_rng(0, 0, index)
-        return augmix_triple(transforms.preprocess(preprocess, source, rng), rng, config)
+        return augmix_triple(preprocessing.preprocess(preprocess, source, rng), rng, config)
 
     return run
 

@@ -41,8 +41,8 @@ from augserver import protocol
 from augserver.augmix import augmix_views, sample_rng
 from augserver.config import load_config
 from augserver.datasets import open_dataset
+from augserver.preprocessing import preprocess
 from augserver.status import request_status
-from augserver.transforms import preprocess
 from client.loader import RemoteAugMixLoader
 from client.local_server import free_port
 

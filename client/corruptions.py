@@ -81,6 +81,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from augserver import preprocessing
+
 __all__ = [
     "CORRUPTIONS",
     "MIN_SIDE",
@@ -526,9 +528,9 @@ assert tuple(_OPS) == CORRUPTIONS
 
 
 def default_params(height: int, width: int) -> str:
-    """The table used when none is named: ``"cifar"`` if the image side is <= 64, else
-    ``"imagenet"``."""
-    return "cifar" if max(height, width) <= 64 else "imagenet"
+    """The table used when none is named: the one of the preprocessing that suits images of
+    this size (``"cifar"`` up to 64 pixels a side, else ``"imagenet"``)."""
+    return preprocessing.for_images(height, width).name
 
 
 def _check_name(name: object) -> str:

@@ -387,8 +387,8 @@ def load_test_set(
     ``limit`` keeps a seeded random subset of that many samples (corrupting 224 x 224 images
     costs about 1.4 s per image for all 75 sets on one core).
     """
+    from augserver import preprocessing
     from augserver.datasets import FORMATS, open_dataset
-    from augserver.transforms import EVAL_PREPROCESS
 
     fmt, sep, path = str(source).partition(":")
     if not sep or fmt not in FORMATS:
@@ -398,10 +398,7 @@ def load_test_set(
             x, y = data["x"], data["y"].astype(np.int64)
         keep = _subset(len(x), limit)
         return (x, y) if keep is None else (x[keep], y[keep])
-    name = preprocess or ("cifar" if fmt in ("cifar10", "cifar100") else "imagenet")
-    view = EVAL_PREPROCESS.get(name)
-    if view is None:
-        raise ValueError(f"unknown preprocessing {name!r}; valid: {', '.join(EVAL_PREPROCESS)}")
+    view = (preprocessing.get(preprocess) if preprocess else preprocessing.default_for(fmt)).eval
     dataset = open_dataset(fmt, path, train=False)
     keep = _subset(len(dataset), limit)
     indices = np.arange(len(dataset)) if keep is None else keep
@@ -440,7 +437,7 @@ def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from augserver.config import PREPROCESSING
+    from augserver import preprocessing
     from augserver.datasets import DatasetError
 
     parser = argparse.ArgumentParser(
@@ -451,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", "--test-npz", dest="test", required=True, metavar="SOURCE",
                         help="an npz with x (NHWC uint8) and y, or FORMAT:PATH of a dataset's "
                              "test split (cifar10:DIR, imagefolder:DIR, ...)")
-    parser.add_argument("--preprocess", choices=tuple(PREPROCESSING), default=None,
+    parser.add_argument("--preprocess", choices=preprocessing.NAMES, default=None,
                         help="test-time view for FORMAT:PATH [the checkpoint's job, else cifar "
                              "for CIFAR and imagenet otherwise]")
     parser.add_argument("--limit", type=int, default=None,
@@ -488,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     side = max(x.shape[1:3]) if x.ndim == 4 else 0
-    fallback = PREPROCESSING["cifar" if side <= 64 else "imagenet"]
-    mean = tuple(ckpt.get("mean", fallback[1]))
-    std = tuple(ckpt.get("std", fallback[2]))
+    fallback = preprocessing.for_images(side, side)
+    mean = tuple(ckpt.get("mean", fallback.mean))
+    std = tuple(ckpt.get("std", fallback.std))
     method = args.method or str(ckpt.get("method", Path(args.checkpoint).stem))
     result = evaluate(
         model, x, y, mean=mean, std=std, cache_dir=args.cache, device=args.device,

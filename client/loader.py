@@ -130,6 +130,7 @@ class RemoteAugMixLoader:
         self._resumed = False
         self._job: JobConfig | None = None
         self._dataset_len: int | None = None
+        self._classes: list[str] = []
         self._scale: torch.Tensor | None = None
         self._shift: torch.Tensor | None = None
 
@@ -142,6 +143,18 @@ class RemoteAugMixLoader:
     def __len__(self) -> int:
         """Batches this rank gets per epoch (the same on every rank)."""
         return self._plan().num_batches
+
+    @property
+    def classes(self) -> list[str]:
+        """The dataset's class names by label (numbers as names for an unnamed npz); asks the
+        dispatcher on first use."""
+        self._ensure_job()
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the dataset has (the labels run from 0 to this - 1)."""
+        return len(self.classes)
 
     @property
     def config(self) -> JobConfig:
@@ -294,6 +307,7 @@ class RemoteAugMixLoader:
             )
         self._job = job
         self._dataset_len = welcome["dataset_len"]
+        self._classes = welcome["classes"]
 
 
 class _Stream:

@@ -1,7 +1,7 @@
 """The example trainer: the AugMix paper's CIFAR recipe fed by an augserver dispatcher.
 
     python -m client.train --dataset cifar10:/data/cifar-10-batches-py --workers 8   # own server
-    python -m client.train --connect tcp://HOST:5555 --num-classes 10                # running one
+    python -m client.train --connect tcp://HOST:5555                                 # running one
     torchrun --nproc-per-node 4 -m client.train --connect tcp://HOST:5555            # DDP
 
 Defaults are the paper's CIFAR recipe (AUGMIX.md): WRN-40-2, 100 epochs, batch 128, SGD with
@@ -75,9 +75,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from augserver import preprocessing
 from augserver.cli import positive_int
-from augserver.config import PREPROCESSING, ConfigError, JobConfig
-from augserver.datasets import FORMATS, DatasetError, open_dataset
+from augserver.config import ConfigError, JobConfig
+from augserver.datasets import FORMATS
 from client.loader import AugMixBatch, RemoteAugMixLoader
 from client.local_server import local_server
 from client.loss import jsd_loss, split_views
@@ -104,7 +105,6 @@ _METHOD_JOB = {
     "augmix": "augment: augmix, jsd: false",
     "standard": "augment: none",
 }
-_KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100}
 _WINDOW = 50  # steps in the running loss / samples/s / data-wait window
 
 
@@ -159,20 +159,6 @@ def check_method(job: JobConfig, method: str, address: str) -> None:
             f"but the dispatcher at {address} serves augment: {job.augment}, "
             f"jsd: {str(job.jsd).lower()} (method {served!r}, {_METHOD_FLAG[served]})"
         )
-
-
-def infer_num_classes(job: JobConfig) -> int:
-    """The job's number of classes: known for CIFAR, else read from the dataset (which must
-    be readable from here, at the job's path)."""
-    if job.dataset.format in _KNOWN_CLASSES:
-        return _KNOWN_CLASSES[job.dataset.format]
-    try:
-        return open_dataset(job.dataset.format, job.dataset.path, job.dataset.train).num_classes
-    except (DatasetError, OSError) as exc:
-        raise TrainError(
-            f"cannot count the classes of the {job.dataset.format} dataset at "
-            f"{job.dataset.path} from this host ({exc}); pass --num-classes"
-        ) from exc
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -576,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--workers", type=positive_int, default=2, help="local worker processes")
     local.add_argument("--batch-size", type=positive_int, default=None,
                        help="batch size per rank [128]; with --connect the job's")
-    local.add_argument("--preprocess", choices=tuple(PREPROCESSING), default=None,
+    local.add_argument("--preprocess", choices=preprocessing.NAMES, default=None,
                        help="[cifar for cifar10/100 and for npz of images <= 64 px, else "
                             "imagenet]")
     local.add_argument("--severity", type=int, default=None,
@@ -590,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("model and optimisation")
     opt.add_argument("--model", choices=MODELS, default="wrn40_2")
     opt.add_argument("--num-classes", type=positive_int, default=None,
-                     help="[from the dataset: 10 for cifar10, read from npz/imagefolder]")
+                     help="[the dataset's, as the dispatcher reports it]")
     opt.add_argument("--epochs", type=positive_int, default=100)
     opt.add_argument("--max-steps", "--steps", dest="max_steps", type=positive_int, default=None,
                      help="stop after this many steps in all (smoke runs; the schedule still "
@@ -702,7 +688,7 @@ def _small_image_preprocess(fmt: str, path: str) -> str | None:
             shape = read(member)[0]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None  # the dispatcher reports what is wrong with the file
-    if len(shape) >= 3 and max(shape[1:3]) <= 64:
+    if len(shape) >= 3 and preprocessing.for_images(*shape[1:3]) is preprocessing.CIFAR:
         print(f"{path}: {shape[1]}x{shape[2]} images: preprocess cifar (32x32 crops; "
               "--preprocess imagenet for 224x224)", flush=True)
         return "cifar"
@@ -721,7 +707,7 @@ def _run(args: argparse.Namespace, method: str, address: str, device: torch.devi
     job = loader.config
     check_method(job, method, address)
     rank, world_size = _world()
-    num_classes = args.num_classes or infer_num_classes(job)
+    num_classes = args.num_classes or loader.num_classes
     if rank == 0:
         print(f"{method} on {job.dataset.format}:{job.dataset.path} from {address}: "
               f"{args.model} ({num_classes} classes), {len(loader)} batches/epoch of "

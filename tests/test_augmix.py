@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augserver import ops
+from augserver import op_names, ops
 from augserver.augmix import (
     AugMixConfig,
     augment_and_mix,
@@ -17,6 +17,7 @@ from augserver.augmix import (
     draw_program,
     sample_rng,
 )
+from augserver.errors import ConfigError
 from augserver.reference import PIL_OPS
 
 
@@ -32,7 +33,7 @@ def replay_with_pillow(image: np.ndarray, program, views: int) -> np.ndarray:
         for i in range(width):
             chain = Image.fromarray(image)
             for _ in range(lengths[v * width + i]):
-                name = ops.ALL_OPS[codes[k]]
+                name = op_names.ALL_OPS[codes[k]]
                 value = _value_from_params(name, params[k], size)
                 chain = PIL_OPS[name](chain, value)
                 k += 1
@@ -178,12 +179,14 @@ def test_out_buffer_is_filled_in_place(photos):
     ],
 )
 def test_config_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         AugMixConfig(**kwargs)
+    assert caught.value.key == f"augmix.{message}"  # the job file's key, for ConfigError
 
 
 def test_config_type_errors():
-    with pytest.raises(TypeError, match="all_ops"):
+    with pytest.raises(ConfigError, match="all_ops") as caught:
         AugMixConfig(all_ops="yes")
-    with pytest.raises(TypeError, match="severity"):
+    assert caught.value.key == "augmix.all_ops"
+    with pytest.raises(ConfigError, match="severity"):
         AugMixConfig(severity="3")

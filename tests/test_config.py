@@ -201,10 +201,12 @@ def test_bind_addresses(tmp_path: Path, bind: str) -> None:
 
 
 def test_known_names_match_the_kernel() -> None:
-    from augserver.config import ERROR_POLICIES, PREPROCESSING
+    from augserver.config import ERROR_POLICIES
+    from augserver.preprocessing import PREPROCESSINGS
 
-    assert set(PREPROCESSING) == set(transforms.PREPROCESS)
-    assert PREPROCESSING["cifar"][0] == transforms.CIFAR_CROP
+    assert set(PREPROCESSINGS) == {"cifar", "imagenet"}
+    assert PREPROCESSINGS["cifar"].image_size == transforms.CIFAR_CROP
+    assert PREPROCESSINGS["cifar"].train is transforms.cifar_train
     assert ERROR_POLICIES == ("skip", "fail")
     assert set(datasets.FORMATS) == {"cifar10", "cifar100", "imagefolder", "npz"}
 

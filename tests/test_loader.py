@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,20 @@ from PIL import Image
 
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
 from augserver.plan import ShardPlan
+from augserver.preprocessing import preprocess
 from augserver.stats import DispatcherStats
 from augserver.status import request_status
-from augserver.transforms import preprocess
 from client import AugMixBatch, RemoteAugMixLoader, RemoteError
-from tests.service_helpers import end_process, free_port, make_npz, spawn, wait_workers
+from tests.service_helpers import (
+    dispatcher_thread,
+    end_process,
+    free_port,
+    job,
+    make_image_folder,
+    make_npz,
+    spawn,
+    wait_workers,
+)
 from tests.service_helpers import write_config as _write_config
 
 N = 48  # samples; batch 8 -> 6 batches per epoch on one rank
@@ -365,3 +375,16 @@ def test_no_dispatcher_is_a_clear_timeout():
     loader = RemoteAugMixLoader(free_address(), timeout=1.5)
     with pytest.raises(TimeoutError, match="no augserver dispatcher answered"):
         len(loader)
+
+
+def test_the_loader_knows_the_classes_without_opening_the_dataset(tmp_path: Path) -> None:
+    """The dispatcher names the classes in its welcome: the trainer never reads the data."""
+    folder = make_image_folder(tmp_path, per_class=2, corrupt=False)
+    with dispatcher_thread(job(tmp_path, folder, "imagefolder")) as d:
+        loader = RemoteAugMixLoader(d.address, timeout=10)
+        shutil.rmtree(folder)  # nothing on this side reads it
+        assert loader.classes == ["a", "b"] and loader.num_classes == 2
+    (tmp_path / "npz").mkdir()
+    with dispatcher_thread(job(tmp_path / "npz", make_npz(tmp_path / "npz", 20))) as d:
+        loader = RemoteAugMixLoader(d.address, timeout=10)
+        assert loader.num_classes == 10 and loader.classes == [str(i) for i in range(10)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from augserver import ops
+from augserver import op_names, ops
 from augserver.reference import apply_pil
 
 SIZES = ("astronaut32", "coffee224", "chelsea61x40")
@@ -33,7 +33,7 @@ def reachable_values(name: str, width: int, height: int) -> list:
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name", ops.ALL_OPS)
+@pytest.mark.parametrize("name", op_names.ALL_OPS)
 def test_apply_matches_pillow_over_reachable_range(photos, name, size):
     image = photos[size]
     height, width, _ = image.shape
@@ -45,7 +45,7 @@ def test_apply_matches_pillow_over_reachable_range(photos, name, size):
     assert mismatched == [], f"{name} differs from Pillow at {size} for {mismatched[:5]}"
 
 
-@pytest.mark.parametrize("name", ops.ALL_OPS)
+@pytest.mark.parametrize("name", op_names.ALL_OPS)
 def test_apply_matches_pillow_for_sampled_values(photos, name):
     rng = np.random.default_rng(1234)
     for size in SIZES:
@@ -78,7 +78,7 @@ def test_flat_and_extreme_images(photos):
     two_tone = np.zeros((20, 30, 3), np.uint8)
     two_tone[:, 15:] = 255
     for image in (flat, two_tone):
-        for name in ops.ALL_OPS:
+        for name in op_names.ALL_OPS:
             value = ops.sample(name, np.random.default_rng(5), 5, (30, 20))
             assert np.array_equal(ops.apply(name, image, value), apply_pil(name, image, value))
 

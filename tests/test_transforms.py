@@ -12,15 +12,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from augserver.preprocessing import PREPROCESSINGS, preprocess
 from augserver.transforms import (
-    EVAL_PREPROCESS,
-    PREPROCESS,
     cifar_eval,
     cifar_train,
     eval_resize,
     imagenet_eval,
     imagenet_train,
-    preprocess,
     random_resized_crop,
     to_rgb_array,
 )
@@ -391,7 +389,7 @@ def test_16_bit_png_source_for_imagenet_train(tmp_path: Path) -> None:
 
 
 def test_preprocess_dispatch(cifar_photo: np.ndarray) -> None:
-    assert set(PREPROCESS) == {"cifar", "imagenet"}
+    assert set(PREPROCESSINGS) == {"cifar", "imagenet"}
     out = preprocess("cifar", cifar_photo, np.random.default_rng(2))
     np.testing.assert_array_equal(out, cifar_train(cifar_photo, np.random.default_rng(2)))
     assert preprocess("imagenet", cifar_photo, np.random.default_rng(2)).shape == (224, 224, 3)
@@ -412,4 +410,5 @@ def test_cifar_eval_is_the_centre_of_the_padded_crop() -> None:
     out = cifar_eval(small)
     assert np.array_equal(out[2:30, 1:31], small)
     assert not out[:2].any() and not out[30:].any() and not out[:, :1].any()
-    assert EVAL_PREPROCESS["cifar"] is cifar_eval and EVAL_PREPROCESS["imagenet"] is imagenet_eval
+    assert PREPROCESSINGS["cifar"].eval is cifar_eval
+    assert PREPROCESSINGS["imagenet"].eval is imagenet_eval

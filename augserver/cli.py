@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import signal
 import sys
 import threading
@@ -79,18 +78,9 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def local_address(address: str) -> str:
-    """Where local workers connect to a dispatcher bound at ``address`` (a wildcard host
-    becomes the loopback)."""
-    match = re.fullmatch(r"tcp://(\*|0\.0\.0\.0|\[::\]|\[\*\]):(\d+)", address)
-    if match is None:
-        return address
-    host = "[::1]" if match[1] in ("[::]", "[*]") else "127.0.0.1"
-    return f"tcp://{host}:{match[2]}"
-
-
 def _serve(args: argparse.Namespace) -> int:
     """Run the dispatcher (and its local workers) until SIGINT or SIGTERM."""
+    from augserver.addresses import local_address
     from augserver.config import ConfigError, load_config
     from augserver.datasets import DatasetError
     from augserver.dispatcher import Dispatcher

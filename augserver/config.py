@@ -62,6 +62,7 @@ from typing import Any, NoReturn
 import yaml
 
 from augserver import preprocessing
+from augserver.addresses import parse_host_port
 from augserver.augmix_config import AugMixConfig
 from augserver.batch import BatchLayout
 from augserver.datasets import FORMATS
@@ -72,7 +73,6 @@ AUGMENT = ("augmix", "none")
 DEFAULT_BIND = "tcp://0.0.0.0:5555"
 _MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
 _BIND = re.compile(r"tcp://\S+:\S+|(ipc|inproc)://\S+")
-_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^\s:\[\]]+):(\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -318,10 +318,11 @@ def _security(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) ->
 
 def _metrics(r: _Reader, data: Any) -> MetricsConfig:
     bind = r.section(data, "metrics").get("bind")
-    if bind is not None and not (
-        isinstance(bind, str) and (m := _HOST_PORT.fullmatch(bind)) and int(m[2]) <= 65535
-    ):
-        r.fail("metrics.bind", f"must be HOST:PORT like 0.0.0.0:9100, or null, got {bind!r}")
+    if bind is not None:
+        try:
+            parse_host_port(bind)
+        except ValueError as exc:
+            r.fail("metrics.bind", f"{exc}, or null")
     return MetricsConfig(bind)
 
 

@@ -7,24 +7,15 @@ daemon thread and only ever reads the latest snapshot, so a scrape never touches
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from augserver.addresses import parse_host_port
 from augserver.stats import Counters, DispatcherStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_BIND = re.compile(r"(\[[0-9a-fA-F:.]*\]|[^\s:\[\]]+):(\d{1,5})")
-
-def parse_bind(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::]:9100`` for IPv6) as ``(host, port)``; ValueError if not one."""
-    match = _BIND.fullmatch(text)
-    if match is None or int(match[2]) > 65535:
-        raise ValueError(f"must be HOST:PORT like 0.0.0.0:9100, got {text!r}")
-    return match[1].strip("[]"), int(match[2])
-
 
 def escape(value: object) -> str:
     """A label value escaped for the text format (backslash, double quote, newline)."""
@@ -92,7 +83,7 @@ class MetricsServer:
     """
 
     def __init__(self, bind: str, snapshot: Callable[[], DispatcherStats | None]) -> None:
-        host, port = parse_bind(bind)
+        host, port = parse_host_port(bind)
         handler = type("Handler", (_Handler,), {"snapshot": staticmethod(snapshot)})
         try:
             self.server = ThreadingHTTPServer((host, port), handler)

@@ -44,7 +44,7 @@ from augserver.datasets import open_dataset
 from augserver.preprocessing import preprocess
 from augserver.status import request_status
 from client.loader import RemoteAugMixLoader
-from client.local_server import free_port
+from client.programs.local_server import free_port
 
 
 def photo_crops(n: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from augserver.config import JobConfig, config_from_dict
 from augserver.errors import RemoteError
 from augserver.plan import ShardPlan, from_ranges, to_ranges
 from augserver.security import ClientKeys, KeySource
+from client.distributed import world
 
 log = logging.getLogger("augserver.client")
 
@@ -104,7 +105,7 @@ class RemoteAugMixLoader:
         server_key: KeySource | None = None,
     ) -> None:
         if rank is None or world_size is None:
-            dist_rank, dist_world = _distributed_rank()
+            dist_rank, dist_world = world()
             rank = dist_rank if rank is None else rank
             world_size = dist_world if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
@@ -505,9 +506,3 @@ def _nchw(views: torch.Tensor) -> torch.Tensor:
 def _send_quietly(sock: zmq.Socket, frames: list[Any]) -> None:
     with contextlib.suppress(zmq.Again):
         sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-
-
-def _distributed_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

@@ -28,7 +28,7 @@ from augserver.security import ClientKeys
 from augserver.stats import DispatcherStats
 from augserver.status import request_status
 from augserver.worker import run_worker
-from client.local_server import free_port as free_port  # re-exported for the tests
+from client.programs.local_server import free_port as free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_LIMITS = {"heartbeat_interval": 0.2, "heartbeat_misses": 3, "worker_slots": 2}

@@ -1,4 +1,4 @@
-"""client.corruptions: the 15 CIFAR-10-C / ImageNet-C corruptions, seeding, the cache and CLI."""
+"""client.robustness: the 15 CIFAR-10-C / ImageNet-C corruptions, seeding, the cache and CLI."""
 
 from __future__ import annotations
 
@@ -15,17 +15,12 @@ import skimage.data
 import skimage.filters
 from PIL import Image
 
-from client import corruptions as C
-from client.corruptions import (
-    CORRUPTIONS,
-    SEVERITIES,
-    cache_path,
-    corrupt,
-    corrupt_images,
-    fingerprint,
-    image_rng,
-    iter_corrupted,
-)
+from client.programs import corrupt as corrupt_program
+from client.robustness import cache as K
+from client.robustness import corruptions as C
+from client.robustness.cache import cache_path, fingerprint, iter_corrupted
+from client.robustness.corruptions import corrupt, corrupt_images, image_rng
+from client.robustness.tables import CORRUPTIONS, SEVERITIES, TABLES
 
 # Corruptions that draw nothing from the generator.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate",
@@ -151,7 +146,7 @@ def test_glass_blur_32_is_fast(crops) -> None:
 
 def test_brightness_matches_skimage_hsv_round_trip(crops) -> None:
     for severity in SEVERITIES:
-        c = C._TABLES["cifar"]["brightness"][severity - 1]
+        c = TABLES["cifar"]["brightness"][severity - 1]
         hsv = skimage.color.rgb2hsv(crops / 255.0)
         hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
         expected = (np.clip(skimage.color.hsv2rgb(hsv), 0, 1) * 255).astype(np.uint8)
@@ -162,7 +157,7 @@ def test_brightness_matches_skimage_hsv_round_trip(crops) -> None:
 def test_impulse_noise_is_salt_and_pepper(crops) -> None:
     img = np.full((64, 64, 3), 128, np.uint8)
     out = corrupt(img, "impulse_noise", 5, np.random.default_rng(1), params="imagenet")
-    amount = C._TABLES["imagenet"]["impulse_noise"][4]
+    amount = TABLES["imagenet"]["impulse_noise"][4]
     changed = out != 128
     assert set(np.unique(out[changed])) <= {0, 255}
     assert abs(changed.mean() - amount) < 0.02
@@ -171,7 +166,7 @@ def test_impulse_noise_is_salt_and_pepper(crops) -> None:
 
 @pytest.mark.parametrize(("params", "severity"), [("cifar", 5), ("imagenet", 4)])
 def test_glass_blur_runs_the_originals_pixel_loop(crops, params: str, severity: int) -> None:
-    sigma, delta, iterations = C._TABLES[params]["glass_blur"][severity - 1]
+    sigma, delta, iterations = TABLES[params]["glass_blur"][severity - 1]
     img = crops[1]
 
     def gaussian(x):
@@ -305,7 +300,7 @@ def test_cache_miss_then_hit(crops, tmp_path: Path, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached set")
 
-    monkeypatch.setattr(C, "corrupt_images", fail)
+    monkeypatch.setattr(K, "corrupt_images", fail)
     second = list(iter_corrupted(x, tmp_path, seed=2, **sel))
     for (_, _, a), (_, _, b) in zip(first, second, strict=True):
         assert np.array_equal(a, b)
@@ -320,9 +315,9 @@ def test_corrupt_or_truncated_cache_files_are_made_again(crops, tmp_path, monkey
     p1.write_bytes(p1.read_bytes()[:150])  # truncated mid-data
     p2.write_bytes(b"not an npy file at all")
     made = []
-    real = C.corrupt_images
+    real = K.corrupt_images
     monkeypatch.setattr(
-        C, "corrupt_images", lambda imgs, n, s, *a, **k: made.append(s) or real(imgs, n, s, *a, **k)
+        K, "corrupt_images", lambda imgs, n, s, *a, **k: made.append(s) or real(imgs, n, s, *a, **k)
     )
     again = {s: a for _, s, a in iter_corrupted(x, tmp_path, **sel)}
     assert sorted(made) == [1, 2]
@@ -341,7 +336,7 @@ def test_interrupted_write_leaves_no_cache_file(crops, tmp_path, monkeypatch) ->
         f.write(b"\x93NUMPY partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(C.np, "save", boom)
+    monkeypatch.setattr(np, "save", boom)
     with pytest.raises(KeyboardInterrupt):
         list(iter_corrupted(crops[:1], tmp_path, names=["contrast"], severities=[1]))
     path = cache_path(crops[:1], tmp_path, "contrast", 1)
@@ -360,7 +355,7 @@ def test_fingerprint_covers_images_seed_params_and_version(crops, monkeypatch) -
     y[1, 5, 5, 0] ^= 1
     assert fingerprint(y) != base
     assert fingerprint(x.reshape(2, 16, 64, 3)) != base  # same bytes, other shape
-    monkeypatch.setattr(C, "VERSION", C.VERSION + 1)
+    monkeypatch.setattr(K, "VERSION", K.VERSION + 1)
     assert fingerprint(x) != base
 
 
@@ -384,7 +379,7 @@ def test_cli_fills_cache_and_writes_preview(crops, tmp_path, capsys) -> None:
     cache, png = tmp_path / "cache", tmp_path / "grid.png"
     argv = ["--npz", str(npz), "--cache", str(cache), "--seed", "1",
             "--names", "contrast", "fog", "--severities", "1", "5"]  # fmt: skip
-    assert C.main([*argv, "--preview", str(png), "--preview-index", "2"]) == 0
+    assert corrupt_program.main([*argv, "--preview", str(png), "--preview-index", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count(": made") == 4 and "fog-5: made" in out and "table cifar" in out
     for name in ("contrast", "fog"):
@@ -393,20 +388,21 @@ def test_cli_fills_cache_and_writes_preview(crops, tmp_path, capsys) -> None:
             assert np.array_equal(arr, corrupt_images(crops[:3], name, s, seed=1))
     with Image.open(png) as grid:
         assert grid.mode == "RGB" and grid.width > 3 * 96 and grid.height > 2 * 96
-    assert C.main(argv) == 0
+    assert corrupt_program.main(argv) == 0
     assert capsys.readouterr().out.count(": cached") == 4
 
 
 def test_cli_errors_and_module_entry_point(tmp_path, capsys) -> None:
     npz = tmp_path / "bad.npz"
     np.savez(npz, images=np.zeros((1, 8, 8, 3), np.uint8))
-    assert C.main(["--npz", str(npz), "--cache", str(tmp_path / "c")]) == 2
+    assert corrupt_program.main(["--npz", str(npz), "--cache", str(tmp_path / "c")]) == 2
     assert "no array 'x'" in capsys.readouterr().err
     np.savez(npz, x=np.zeros((1, 8, 8, 3), np.uint8))
-    assert C.main(["--npz", str(npz), "--cache", str(tmp_path), "--names", "fgo"]) == 2
+    argv = ["--npz", str(npz), "--cache", str(tmp_path), "--names", "fgo"]
+    assert corrupt_program.main(argv) == 2
     assert "valid names" in capsys.readouterr().err
     done = subprocess.run(
-        [sys.executable, "-m", "client.corruptions", "--npz", str(npz), "--cache",
+        [sys.executable, "-m", "client.programs.corrupt", "--npz", str(npz), "--cache",
          str(tmp_path / "c"), "--names", "pixelate", "--severities", "3"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -22,7 +22,7 @@ import yaml
 
 from augserver.cli import build_parser
 from augserver.config import load_config
-from client.train import build_parser as train_parser
+from client.programs.train import build_parser as train_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -458,7 +458,7 @@ def test_trainer_image_and_compose_build_files(compose: dict[str, Any]) -> None:
     assert ".[client]" in installs and "torch" in installs.lower()
     assert any(k == "USER" and a.split(":")[0] not in ("root", "0") for k, a in steps)
     entry = next(json.loads(a) for k, a in steps if k == "ENTRYPOINT")
-    assert entry == ["python", "-m", "client.train"]
+    assert entry == ["python", "-m", "client.programs.train"]
     # the image's default arguments and the compose service's parse with the trainer's parser
     default = next(json.loads(a) for k, a in steps if k == "CMD")
     for argv in (default, (trainer or {}).get("command", default)):

@@ -1,4 +1,5 @@
-"""client.evaluate: RMS calibration error, predict, evaluate, the reports and the CLI."""
+"""client.robustness.evaluation and .metrics: RMS calibration error, predict, evaluate, the
+reports, and the evaluation program."""
 
 from __future__ import annotations
 
@@ -11,19 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from client import evaluate as E
-from client.corruptions import corrupt_images
-from client.evaluate import (
-    ALEXNET_MEAN_ERRORS,
-    alexnet_baseline,
+from client.programs import evaluate as evaluate_program
+from client.programs.models import build_model
+from client.robustness.corruptions import corrupt_images
+from client.robustness.evaluation import (
     evaluate,
     format_table,
+    load_test_set,
     plot_error_vs_severity,
     predict,
-    rms_calibration_error,
     write_json,
 )
-from client.models import build_model
+from client.robustness.metrics import ALEXNET_MEAN_ERRORS, alexnet_baseline, rms_calibration_error
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 
@@ -283,7 +283,7 @@ def test_cli_end_to_end(photos, tmp_path, capsys) -> None:
     argv = ["--checkpoint", str(ckpt), "--test-npz", str(npz), "--cache", str(tmp_path / "c"),
             "--json", str(out_json), "--plot", str(out_png), "--names", "contrast", "fog",
             "--severities", "1", "2", "--batch-size", "5", "--alexnet-baseline"]  # fmt: skip
-    assert E.main(argv) == 0
+    assert evaluate_program.main(argv) == 0
     out = capsys.readouterr().out
     assert "augmix" in out and "contrast" in out and "fog" in out and "norm. mCE %" in out
     result = json.loads(out_json.read_text())
@@ -307,11 +307,11 @@ def test_cli_bad_files(tmp_path, capsys) -> None:
     ckpt = tmp_path / "c.pt"
     torch.save({"model": {}}, ckpt)
     argv = ["--checkpoint", str(ckpt), "--test-npz", str(npz), "--cache", str(tmp_path)]
-    assert E.main(argv) == 2
+    assert evaluate_program.main(argv) == 2
     assert "lacks model_name, num_classes" in capsys.readouterr().err
     model = build_model("small_cnn", 10)
     torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10}, ckpt)
-    assert E.main(argv) == 2
+    assert evaluate_program.main(argv) == 2
     assert "needs arrays x" in capsys.readouterr().err
 
 
@@ -324,21 +324,21 @@ def test_load_test_set_from_an_npz_and_from_dataset_splits(tmp_path) -> None:
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "test.npz", x=x, y=np.arange(12) % 10)
-    got_x, got_y = E.load_test_set(tmp_path / "test.npz")
+    got_x, got_y = load_test_set(tmp_path / "test.npz")
     assert np.array_equal(got_x, x) and got_y.dtype == np.int64
-    sub_x, sub_y = E.load_test_set(str(tmp_path / "test.npz"), limit=5)
+    sub_x, sub_y = load_test_set(str(tmp_path / "test.npz"), limit=5)
     rows = [next(i for i, r in enumerate(x) if np.array_equal(s, r)) for s in sub_x]
     assert len(set(rows)) == 5 and sub_y.tolist() == [i % 10 for i in rows]
     # CIFAR's test batch, through the CIFAR test-time view (the 32x32 images unchanged)
     batches = write_cifar10(tmp_path / "cifar", x)
-    cx, cy = E.load_test_set(f"cifar10:{tmp_path / 'cifar'}")
+    cx, cy = load_test_set(f"cifar10:{tmp_path / 'cifar'}")
     assert np.array_equal(cx, batches[-1]) and cy.tolist() == [(5 + j) % 10 for j in range(12)]
     # the ImageNet view: resize 256, centre crop 224
-    ix, _ = E.load_test_set(f"npz:{tmp_path / 'test.npz'}", preprocess="imagenet", limit=2)
+    ix, _ = load_test_set(f"npz:{tmp_path / 'test.npz'}", preprocess="imagenet", limit=2)
     assert ix.shape == (2, 224, 224, 3)
     with pytest.raises(ValueError, match="needs arrays x"):
         np.savez(tmp_path / "bad.npz", images=x)
-        E.load_test_set(tmp_path / "bad.npz")
+        load_test_set(tmp_path / "bad.npz")
 
 
 def test_cli_evaluates_a_dataset_test_split(tmp_path, capsys) -> None:
@@ -350,7 +350,7 @@ def test_cli_evaluates_a_dataset_test_split(tmp_path, capsys) -> None:
     torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10,
                 "mean": (0.5,) * 3, "std": (0.5,) * 3, "preprocess": "cifar"},
                tmp_path / "ckpt.pt")  # fmt: skip
-    code = E.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--test",
+    code = evaluate_program.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--test",
                    f"cifar10:{tmp_path / 'cifar'}", "--cache", str(tmp_path / "cache"),
                    "--names", "fog", "--severities", "1", "--json", str(tmp_path / "r.json")])
     assert code == 0

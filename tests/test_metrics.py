@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 import augserver.worker
+from augserver.addresses import local_address, parse_host_port
 from augserver.config import ConfigError, load_config
-from augserver.metrics import MetricsServer, escape, parse_bind, render
+from augserver.metrics import MetricsServer, escape, render
 from augserver.scaling import WAIT_THRESHOLD, StreamMeter, estimate
 from augserver.stats import DispatcherStats, StreamStats
 from augserver.status import format_status
@@ -97,11 +98,14 @@ def test_render_types_values_and_escaping() -> None:
 
 def test_escape_and_bind_parsing() -> None:
     assert escape('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
-    assert parse_bind("0.0.0.0:9100") == ("0.0.0.0", 9100)
-    assert parse_bind("[::]:0") == ("::", 0)
+    assert parse_host_port("0.0.0.0:9100") == ("0.0.0.0", 9100)
+    assert parse_host_port("[::]:0") == ("::", 0)
+    assert local_address("tcp://0.0.0.0:5555") == "tcp://127.0.0.1:5555"
+    assert local_address("tcp://[::]:5555") == "tcp://[::1]:5555"
+    assert local_address("tcp://10.0.0.1:5555") == "tcp://10.0.0.1:5555"
     for bad in ("9100", "host:", "host:99999", "tcp://host:1", "a b:1"):
         with pytest.raises(ValueError):
-            parse_bind(bad)
+            parse_host_port(bad)
 
 
 def test_metrics_bind_is_validated_in_the_config(tmp_path: Path) -> None:

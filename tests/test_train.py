@@ -1,6 +1,6 @@
-"""The example trainer (``client.train``), its models and its local dispatcher, end to end on
-tiny data: every method through a local server, exact resumption from a checkpoint, a job that
-does not match the method, and a two-process torchrun (gloo, CPU) run."""
+"""The example trainer (:mod:`client.programs.train`), its models and its local dispatcher, end
+to end on tiny data: every method through a local server, exact resumption from a checkpoint, a
+job that does not match the method, and a two-process torchrun (gloo, CPU) run."""
 
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.local_server import local_server
-from client.models import MODELS, build_model
-from client.train import (
+from client.checkpoint import load_checkpoint
+from client.programs.local_server import local_server
+from client.programs.models import MODELS, build_model
+from client.programs.train import (
     METHODS,
     _small_image_preprocess,
     cosine_lr_factor,
     job_config,
-    load_checkpoint,
     main,
 )
-from client.train import make_scheduler as make_cosine
+from client.programs.train import make_scheduler as make_cosine
 
 from .service_helpers import make_npz, wait_for
 
@@ -179,7 +179,7 @@ def test_torchrun_two_ranks_on_gloo(jsd_server: str, tmp_path: Path) -> None:
     # faulthandler: a rank that aborts prints its Python stacks
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "client.train",
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "client.programs.train",
          "--connect", jsd_server, "--epochs", "1", "--model", "small_cnn", "--no-progress",
          "--checkpoint", str(tmp_path / "ck.pt"), "--index-log", str(tmp_path / "idx")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180,  # generous: 2 x torch
@@ -214,15 +214,15 @@ def test_eval_hook_writes_results(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    evaluate = pytest.importorskip("client.evaluate")
+    from client.programs import train as trainer  # its evaluate(), patched below
     calls = {}
 
     def small_evaluate(*args, **kwargs):  # 1 corruption x 1 severity keeps this fast
         calls.update(kwargs)
         return real(*args, names=("gaussian_noise",), severities=(1,), **kwargs)
 
-    real = evaluate.evaluate
-    monkeypatch.setattr(evaluate, "evaluate", small_evaluate)
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", small_evaluate)
     rng = np.random.default_rng(0)
     test_npz = tmp_path / "test.npz"
     np.savez(test_npz, x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
@@ -245,8 +245,8 @@ def test_a_stopped_trainer_takes_its_local_dispatcher_with_it(
     data: Path, how: signal.Signals
 ) -> None:
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "client.train", "--dataset", f"npz:{data}", "--workers", "1",
-         "--preprocess", "cifar", "--batch-size", "16", *TINY[:-1], "1000"],
+        [sys.executable, "-m", "client.programs.train", "--dataset", f"npz:{data}",
+         "--workers", "1", "--preprocess", "cifar", "--batch-size", "16", *TINY[:-1], "1000"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     serving: list[int] = []

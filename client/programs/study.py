@@ -1,19 +1,19 @@
 """A small real-data robustness study: standard vs AugMix vs AugMix + JSD on scikit-learn's digits.
 
-    python -m client.study [--epochs 30] [--workers 2] [--out study] [--seed 0]
+    python -m client.programs.study [--epochs 30] [--workers 2] [--out study] [--seed 0]
         [--methods standard augmix augmix+jsd] [--batch-size 64]
         [--corruptions NAME ...] [--severities S ...]
 
 The data are scikit-learn's handwritten digits (1797 real 8x8 scans shipped with the package,
-upscaled to 32x32 RGB as in ``client.demo``), split once into a stratified, seeded 80/20
+upscaled to 32x32 RGB: :mod:`client.programs.digits`), split once into a stratified, seeded 80/20
 train/test split. For each method the study starts its own dispatcher with ``--workers`` local
 workers (``preprocess: cifar``; ``augment: none`` for ``standard``, ``jsd: false`` for
 ``augmix``), and trains ``small_cnn`` from the same seed for the same epochs with the same
-recipe (``client.train.train``: SGD nesterov, lr 0.1 cosine per step, weight decay 5e-4;
-JSD lambda 12 for ``augmix+jsd``), ordered batches so the run is reproducible. Each model is
-then evaluated (``client.evaluate``) on the clean test split and its corrupted versions (the 15
-CIFAR-10-C corruptions at severities 1..5 by default, made locally and cached in
-``OUT/corrupted``).
+recipe (:func:`client.programs.train.train`: SGD nesterov, lr 0.1 cosine per step, weight
+decay 5e-4; JSD lambda 12 for ``augmix+jsd``), ordered batches so the run is reproducible.
+Each model is then evaluated (:func:`client.robustness.evaluation.evaluate`) on the clean test
+split and its corrupted versions (the 15 CIFAR-10-C corruptions at severities 1..5 by default,
+made locally and cached in ``OUT/corrupted``).
 
 It prints the table, writes ``OUT/study.json`` (the evaluation of each method plus its
 training figures under ``"training"``) and ``OUT/study.png`` (error vs severity, when
@@ -32,26 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.demo import digits_arrays
 from client.loader import RemoteAugMixLoader
-from client.local_server import local_server
-from client.models import small_cnn
-from client.train import METHODS, job_config, train
-
-__all__ = ["digits_split", "main", "run_study"]
-
-
-def digits_split(
-    seed: int = 0, test_fraction: float = 0.2
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The digits (32x32 RGB uint8) split stratified by class: x_train, y_train, x_test, y_test."""
-    from sklearn.model_selection import train_test_split
-
-    x, y = digits_arrays()
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, stratify=y, random_state=seed
-    )
-    return x_train, y_train, x_test, y_test
+from client.programs.digits import digits_split
+from client.programs.local_server import local_server
+from client.programs.models import small_cnn
+from client.programs.train import METHODS, job_config, train
+from client.robustness.evaluation import evaluate, format_table, plot_error_vs_severity, write_json
 
 
 def run_study(
@@ -71,8 +57,6 @@ def run_study(
 
     ``corruptions`` / ``severities`` narrow the corrupted test sets (default: all 15 x 1..5).
     """
-    from client.evaluate import evaluate, format_table, plot_error_vs_severity, write_json
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)}")
@@ -129,9 +113,9 @@ def run_study(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m client.study``."""
+    """``python -m client.programs.study``."""
     parser = argparse.ArgumentParser(
-        prog="python -m client.study", description=__doc__.split("\n")[0],
+        prog="python -m client.programs.study", description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--epochs", type=int, default=30, help="epochs per method")

@@ -1,8 +1,8 @@
 """The example trainer: the AugMix paper's CIFAR recipe fed by an augserver dispatcher.
 
-    python -m client.train --dataset cifar10:/data/cifar-10-batches-py --workers 8   # own server
-    python -m client.train --connect tcp://HOST:5555                                 # running one
-    torchrun --nproc-per-node 4 -m client.train --connect tcp://HOST:5555            # DDP
+    python -m client.programs.train --dataset cifar10:/data/cifar-10-batches-py --workers 8
+    python -m client.programs.train --connect tcp://HOST:5555              # a running dispatcher
+    torchrun --nproc-per-node 4 -m client.programs.train --connect tcp://HOST:5555       # DDP
 
 Defaults are the paper's CIFAR recipe (AUGMIX.md): WRN-40-2, 100 epochs, batch 128, SGD with
 nesterov momentum 0.9, lr 0.1 with the reference's per-step cosine decay (LambdaLR of
@@ -16,7 +16,7 @@ nesterov momentum 0.9, lr 0.1 with the reference's per-step cosine decay (Lambda
   preprocessed image.
 
 With ``--dataset FORMAT:PATH`` the trainer starts its own dispatcher with ``--workers`` local
-workers (``client.local_server``) and writes the job: the method's ``augment``/``jsd``,
+workers (``client.programs.local_server``) and writes the job: the method's ``augment``/``jsd``,
 ``--batch-size``, ``--seed``, ``--preprocess`` (default: cifar for CIFAR and for an npz of
 images <= 64 px), ``--severity``. With ``--connect`` the job
 is the dispatcher's (batch size included) and must match the method, else it is an error
@@ -49,8 +49,8 @@ progress, saves checkpoints and evaluates; every rank's loader state goes into t
 ``--eval-test SOURCE`` (an ``.npz`` of ``x``: N x H x W x 3 uint8 at the training resolution
 and ``y``: labels, or ``FORMAT:PATH`` of a dataset's test split, seen through the job's
 test-time preprocessing; ``--eval-limit N`` takes a seeded subset) evaluates the final model on
-rank 0 with ``client.evaluate`` (clean and corrupted test sets, corrupted sets cached in
-``--eval-cache``), prints the table and writes ``--results`` JSON.
+rank 0 with :mod:`client.robustness.evaluation` (clean and corrupted test sets, corrupted sets
+cached in ``--eval-cache``), prints the table and writes ``--results`` JSON.
 """
 
 from __future__ import annotations
@@ -79,10 +79,13 @@ from augserver import preprocessing
 from augserver.cli import positive_int
 from augserver.config import ConfigError, JobConfig
 from augserver.datasets import FORMATS
+from client.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from client.distributed import world
 from client.loader import AugMixBatch, RemoteAugMixLoader
-from client.local_server import local_server
 from client.loss import jsd_loss, split_views
-from client.models import MODELS, build_model
+from client.programs.local_server import local_server
+from client.programs.models import MODELS, build_model
+from client.robustness.evaluation import evaluate, format_table, load_test_set, write_json
 
 __all__ = [
     "METHODS",
@@ -132,7 +135,7 @@ def job_config(
     preprocess: str | None = None,
     severity: int | None = None,
 ) -> dict[str, Any]:
-    """The job file (as a dict, for :func:`client.local_server.local_server`) that serves
+    """The job file (as a dict, for :func:`client.programs.local_server.local_server`) that serves
     ``method`` on the dataset ``fmt`` at ``path``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -280,41 +283,6 @@ class _Progress:
             self.bar = None
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _rng_state() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint written by :func:`train` (plain types and tensors only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -333,6 +301,109 @@ def _forward_loss(
     if method == "augmix+jsd":
         return jsd_loss(*split_views(logits), batch.target, lam=jsd_lambda)
     return F.cross_entropy(logits, batch.target)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One training run: what :func:`_setup` builds, :func:`_resume` restores, :func:`_step`
+    advances and :func:`_save` writes."""
+
+    loader: RemoteAugMixLoader
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    method: str
+    jsd_lambda: float
+    rank: int
+    world_size: int
+    path: Path | None
+    meta: dict[str, Any]
+    step: int = 0
+    start_epoch: int = 0
+
+
+def _setup(
+    loader: RemoteAugMixLoader, model: nn.Module, *, method: str, epochs: int, lr: float,
+    momentum: float, weight_decay: float, jsd_lambda: float, device: torch.device,
+    checkpoint: str | os.PathLike[str] | None, checkpoint_meta: Mapping[str, Any] | None,
+) -> _Run:
+    """The model on ``device``, SGD with the cosine schedule over ``epochs``, mixed precision
+    on CUDA (bfloat16 where the GPU has it, else float16 with loss scaling)."""
+    cuda = device.type == "cuda"
+    rank, world_size = world()
+    model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=True)
+    scheduler = make_scheduler(optimizer, epochs * len(loader), lr)
+    autocast: Any = contextlib.nullcontext()  # CPU: plain float32
+    amp_dtype = None
+    if cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return _Run(loader, model, model, optimizer, scheduler, scaler, autocast, method,
+                jsd_lambda, rank, world_size, Path(checkpoint) if checkpoint else None,
+                dict(checkpoint_meta or {}))
+
+
+def _resume(run: _Run, announce: bool) -> None:
+    """Continue from the checkpoint when it exists: weights, optimizer, schedule, loader
+    position and random state, exactly as saved."""
+    path = run.path
+    if path is None or not path.exists():
+        if announce:
+            print(f"no checkpoint at {path}: starting from scratch", flush=True)
+        return
+    state = load_checkpoint(path)
+    _check_resumable(state, run.method, run.meta, path, run.world_size)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["scaler"])
+    run.loader.load_state_dict(state["loaders"][run.rank])
+    set_rng_state(state["rng"])
+    run.step, run.start_epoch = int(state["step"]), int(state["epoch"])
+    if announce:
+        print(f"resumed from {path}: step {run.step}, epoch {run.start_epoch + 1}", flush=True)
+
+
+def _step(run: _Run, batch: AugMixBatch) -> torch.Tensor:
+    """One optimizer step on ``batch``; returns the loss."""
+    loss = _forward_loss(run.net, batch, run.method, run.jsd_lambda, run.autocast)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
+    return loss
+
+
+def _save(run: _Run) -> None:
+    """Checkpoint on rank 0 with every rank's loader state (a collective under DDP: every
+    rank calls it at the same steps)."""
+    if run.path is None:
+        return
+    loaders = [run.loader.state_dict()]
+    if run.world_size > 1:
+        loaders = [None] * run.world_size  # type: ignore[list-item]
+        dist.all_gather_object(loaders, run.loader.state_dict())
+    if run.rank != 0:
+        return
+    job = run.loader.config
+    save_checkpoint({
+        **run.meta,
+        "model": run.model.state_dict(), "mean": tuple(job.mean), "std": tuple(job.std),
+        "preprocess": job.preprocess,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "loader": loaders[run.rank], "loaders": loaders, "epoch": run.loader.epoch,
+        "step": run.step, "method": run.method, "rng": rng_state(),
+    }, run.path)  # fmt: skip
 
 
 def train(
@@ -375,113 +446,58 @@ def train(
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     check_method(loader.config, method, loader.address)
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    rank, world_size = _world()
-    meta = dict(checkpoint_meta or {})
-    path = Path(checkpoint) if checkpoint is not None else None
-
-    model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay, nesterov=True)
-    steps_per_epoch = len(loader)
-    total_steps = epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, total_steps, lr)
-    autocast: Any = contextlib.nullcontext()  # CPU: plain float32
-    amp_dtype = None
-    if cuda:  # bfloat16 where the GPU has it, else float16 with loss scaling
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    step = start_epoch = 0
-    if resume and path is not None and path.exists():
-        state = load_checkpoint(path)
-        _check_resumable(state, method, meta, path, world_size)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loaders"][rank])
-        _set_rng_state(state["rng"])
-        step, start_epoch = int(state["step"]), int(state["epoch"])
-        if rank == 0 and progress:
-            print(f"resumed from {path}: step {step}, epoch {start_epoch + 1}", flush=True)
-    elif resume and rank == 0 and progress:
-        print(f"no checkpoint at {path}: starting from scratch", flush=True)
-
-    net: nn.Module = model
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None
+    run = _setup(loader, model, method=method, epochs=epochs, lr=lr, momentum=momentum,
+                 weight_decay=weight_decay, jsd_lambda=jsd_lambda, device=device,
+                 checkpoint=checkpoint, checkpoint_meta=checkpoint_meta)
+    show = progress and run.rank == 0
+    if resume:
+        _resume(run, announce=show)
+    if run.world_size > 1:
+        run.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
-
-    def save() -> None:
-        if path is None:
-            return
-        loaders = [loader.state_dict()]
-        if world_size > 1:  # a collective: every rank checkpoints at the same steps
-            loaders = [None] * world_size  # type: ignore[list-item]
-            dist.all_gather_object(loaders, loader.state_dict())
-        if rank != 0:
-            return
-        job = loader.config
-        _save_atomic({
-            **meta,
-            "model": model.state_dict(), "mean": tuple(job.mean), "std": tuple(job.std),
-            "preprocess": job.preprocess,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "loader": loaders[rank], "loaders": loaders, "epoch": loader.epoch, "step": step,
-            "method": method, "rng": _rng_state(),
-        }, path)  # fmt: skip
-
-    stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
-    show = progress and rank == 0
+    steps_per_epoch = len(loader)
+    stop_at = epochs * steps_per_epoch if max_steps is None else min(
+        max_steps, epochs * steps_per_epoch)
     reporter = _Progress(show, sys.stderr.isatty() if bar is None else bar, log_every, stop_at)
-    meter = _Meter(world_size)
-    first_step = step
-    indices = _index_file(index_log, rank)
+    meter = _Meter(run.world_size)
+    first_step = run.step
+    indices = _index_file(index_log, run.rank)
     start = time.perf_counter()
     try:
-        for epoch in range(start_epoch, epochs):
-            if step >= stop_at:
+        for epoch in range(run.start_epoch, epochs):
+            if run.step >= stop_at:
                 break
             loader.set_epoch(epoch)
-            net.train()
-            done = min(max(step - epoch * steps_per_epoch, 0), steps_per_epoch)
+            run.net.train()
+            done = min(max(run.step - epoch * steps_per_epoch, 0), steps_per_epoch)
             reporter.start_epoch(epoch, epochs, steps_per_epoch, done)
             batches: Iterator[AugMixBatch] = iter(loader)
             try:
-                while step < stop_at:
+                while run.step < stop_at:
                     t0 = time.perf_counter()
                     batch = next(batches, None)
                     if batch is None:
                         break
                     t1 = time.perf_counter()
-                    loss = _forward_loss(net, batch, method, jsd_lambda, autocast)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    step += 1
+                    loss = _step(run, batch)
                     meter.add(t1 - t0, time.perf_counter() - t0, len(batch), loss)
                     if indices is not None:
                         indices.write(f"{epoch} {' '.join(map(str, batch.index.tolist()))}\n")
-                    reporter.step(step, meter)
-                    if checkpoint_every and step % checkpoint_every == 0 and step < stop_at:
-                        save()
+                    reporter.step(run.step, meter)
+                    if checkpoint_every and run.step % checkpoint_every == 0 \
+                            and run.step < stop_at:
+                        _save(run)
             finally:
                 batches.close()  # type: ignore[attr-defined]
                 reporter.end_epoch()
-        save()
+        _save(run)
     finally:
         if indices is not None:
             indices.close()
     result = TrainResult(
-        steps=step - first_step, last_step=step, epoch=loader.epoch, samples=meter.samples,
-        seconds=time.perf_counter() - start, losses=meter.loss_values(),
+        steps=run.step - first_step, last_step=run.step, epoch=loader.epoch,
+        samples=meter.samples, seconds=time.perf_counter() - start, losses=meter.loss_values(),
         data_wait=meter.wait / meter.time if meter.time > 0 else 0.0,
     )
     if show:
@@ -521,10 +537,8 @@ def evaluate_test_set(
     device: torch.device, results: str | os.PathLike[str] | None = None, seed: int = 0,
 ) -> dict[str, Any]:
     """Robustness evaluation of ``model`` on a test set (clean and corrupted; ``source``, as
-    :func:`client.evaluate.load_test_set` takes it): print the table, write ``results`` JSON
-    when given, return ``{method: result}``."""
-    from client.evaluate import evaluate, format_table, load_test_set, write_json
-
+    :func:`client.robustness.evaluation.load_test_set` takes it): print the table, write
+    ``results`` JSON when given, return ``{method: result}``."""
     x, y = load_test_set(source, preprocess, limit)
     model.eval()
     result = {method: evaluate(model, x, y, mean=mean, std=std, cache_dir=cache_dir,
@@ -549,9 +563,9 @@ def _dataset_arg(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m client.train`` argument parser."""
+    """The ``python -m client.programs.train`` argument parser."""
     p = argparse.ArgumentParser(
-        prog="python -m client.train", description=__doc__.split("\n")[0],
+        prog="python -m client.programs.train", description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_argument_group("data").add_mutually_exclusive_group(required=True)
@@ -628,7 +642,7 @@ def _setup_device(name: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m client.train``; returns the exit status (2 for a usage or job error)."""
+    """``python -m client.programs.train``; returns the exit status (2 for a usage or job error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     method = _method(args)
@@ -706,7 +720,7 @@ def _run(args: argparse.Namespace, method: str, address: str, device: torch.devi
     loader = RemoteAugMixLoader(address, ordered=args.ordered, device=device, channels_last=cuda)
     job = loader.config
     check_method(job, method, address)
-    rank, world_size = _world()
+    rank, world_size = world()
     num_classes = args.num_classes or loader.num_classes
     if rank == 0:
         print(f"{method} on {job.dataset.format}:{job.dataset.path} from {address}: "

@@ -4,13 +4,13 @@ style mCE, optionally ImageNet-C's AlexNet-normalised mCE) and RMS calibration e
     probs = predict(model, x, mean=MEAN, std=STD)                     # softmax, (N, C) float32
     result = evaluate(model, x, y, mean=MEAN, std=STD, cache_dir="cache/")
     print(format_table({"augmix": result}))
-    python -m client.evaluate --checkpoint ckpt.pt --test test.npz --cache cache/ \\
-        [--json out.json] [--plot out.png]
-    python -m client.evaluate --checkpoint ckpt.pt --test cifar10:/data/cifar-10-batches-py ...
+
+The command line (``python -m client.programs.evaluate``) is in :mod:`client.programs.evaluate`;
+the metrics themselves in :mod:`client.robustness.metrics`.
 
 The test set is an ``.npz`` (``x``, ``y``) or any dataset's test split (:func:`load_test_set`).
 
-The corrupted test sets come from :func:`client.corruptions.iter_corrupted` (made once, then
+The corrupted test sets come from :func:`client.robustness.cache.iter_corrupted` (made once, then
 loaded from the cache). All errors are fractions in [0, 1]:
 
 - ``error``: 1 - top-1 accuracy.
@@ -28,10 +28,7 @@ loaded from the cache). All errors are fractions in [0, 1]:
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import json
-import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,78 +40,10 @@ import torch
 from torch import nn
 
 from augserver.text import render_table
-from client.corruptions import CORRUPTIONS, SEVERITIES, default_params, iter_corrupted
-
-__all__ = [
-    "ALEXNET_MEAN_ERRORS",
-    "alexnet_baseline",
-    "evaluate",
-    "format_table",
-    "load_checkpoint_model",
-    "load_test_set",
-    "main",
-    "plot_error_vs_severity",
-    "predict",
-    "rms_calibration_error",
-    "write_json",
-]
-
-# AlexNet's ImageNet-C top-1 error per corruption, averaged over the five severities.
-ALEXNET_MEAN_ERRORS: dict[str, float] = dict(
-    zip(
-        CORRUPTIONS,
-        (0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360, 0.866816,
-         0.826572, 0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500),
-        strict=True,
-    )
-)  # fmt: skip
-
-
-def alexnet_baseline() -> dict[str, list[float]]:
-    """An ImageNet-C ``baseline`` for :func:`evaluate` from :data:`ALEXNET_MEAN_ERRORS`.
-
-    Only per-corruption means are published, so each severity gets the mean; the normalised
-    mCE only uses the sum over severities, which this keeps exact (for all five severities).
-    """
-    return {name: [err] * len(SEVERITIES) for name, err in ALEXNET_MEAN_ERRORS.items()}
-
-
-# ------------------------------------------------------------------------------ calibration
-
-
-def rms_calibration_error(confidence: np.ndarray, correct: np.ndarray, beta: int = 100) -> float:
-    """RMS calibration error with adaptive bins, as ``calib_err(confidence, correct, p='2',
-    beta)`` in the Hendrycks et al. calibration tools used for the AugMix paper.
-
-    Samples are sorted by confidence and cut into bins of ``beta`` consecutive samples, the last
-    bin absorbing the remainder (fewer than ``beta`` samples make one bin). The result is
-    ``sqrt(sum_b |b| / N * (mean confidence in b - accuracy in b) ** 2)``.
-
-    One deliberate difference: the reference loop runs over ``range(len(bins) - 1)``, which
-    leaves the last (most confident) bin out of the sum while still dividing by all N, and
-    fails on fewer than ``beta`` samples. Here every bin counts, so perfectly calibrated
-    predictions give 0 and confidently wrong ones give 1.
-    """
-    conf = np.asarray(confidence, dtype=np.float64).ravel()
-    corr = np.asarray(correct, dtype=np.float64).ravel()
-    if conf.shape != corr.shape:
-        raise ValueError(
-            f"confidence and correct must have the same length, got {conf.size} and {corr.size}"
-        )
-    if conf.size == 0:
-        raise ValueError("rms_calibration_error needs at least one sample")
-    if isinstance(beta, bool) or not isinstance(beta, int | np.integer) or beta < 1:
-        raise ValueError(f"beta must be a positive integer, got {beta!r}")
-    order = np.argsort(conf, kind="stable")
-    conf, corr = conf[order], corr[order]
-    n = conf.size
-    edges = [i * beta for i in range(max(1, n // beta))] + [n]
-    total = 0.0
-    for lo, hi in itertools.pairwise(edges):
-        gap = conf[lo:hi].mean() - corr[lo:hi].mean()
-        total += (hi - lo) / n * gap * gap
-    return math.sqrt(total)
-
+from client.robustness.cache import iter_corrupted
+from client.robustness.corruptions import default_params
+from client.robustness.metrics import classification_metrics
+from client.robustness.tables import CORRUPTIONS, SEVERITIES
 
 # ------------------------------------------------------------------------------ prediction
 
@@ -176,14 +105,6 @@ def predict(
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    correct = probs.argmax(axis=1) == labels
-    return {
-        "error": float(1.0 - correct.mean()),
-        "rms_calibration_error": rms_calibration_error(probs.max(axis=1), correct),
-    }
-
-
 def _progress(total: int, enabled: bool):
     """A tqdm bar when asked for and tqdm is importable, else None."""
     if not enabled:
@@ -226,7 +147,7 @@ def evaluate(
     ``baseline`` maps each corruption to its baseline errors for severities 1..5 (e.g.
     :func:`alexnet_baseline`); ``normalized_mce`` is the mean over corruptions of
     ``sum(err) / sum(baseline err)`` over the evaluated severities. Corrupted sets come from
-    (and go to) ``cache_dir`` via :func:`client.corruptions.iter_corrupted`.
+    (and go to) ``cache_dir`` via :func:`client.robustness.cache.iter_corrupted`.
     """
     names = (names,) if isinstance(names, str) else tuple(names)
     severities = tuple(severities)
@@ -244,12 +165,12 @@ def evaluate(
         images, cache_dir, seed=seed, names=names, severities=severities, params=params
     )
     run = {"mean": mean, "std": std, "batch_size": batch_size, "device": device}
-    clean = _metrics(predict(model, images, **run), labels)
+    clean = classification_metrics(predict(model, images, **run), labels)
     corruptions: dict[str, dict[str, dict[str, float]]] = {}
     bar = _progress(len(names) * len(severities), progress)
     try:
         for name, severity, corrupted in sets:
-            corruptions.setdefault(name, {})[str(severity)] = _metrics(
+            corruptions.setdefault(name, {})[str(severity)] = classification_metrics(
                 predict(model, corrupted, **run), labels
             )
             if bar is not None:
@@ -413,99 +334,3 @@ def _subset(n: int, limit: int | None) -> np.ndarray | None:
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
-
-
-# ------------------------------------------------------------------------------------- CLI
-
-
-def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model on ``device``, checkpoint dict) from a ``client.train`` checkpoint: a dict with
-    "model" (state_dict), "model_name", "num_classes", "mean" and "std"."""
-    from client.train import load_checkpoint  # imported here: only the CLI needs the trainer
-
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: not a checkpoint dict")
-    missing = [k for k in ("model", "model_name", "num_classes") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    from client.models import build_model  # imported here: only the CLI needs the zoo
-
-    model = build_model(ckpt["model_name"], int(ckpt["num_classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), ckpt
-
-
-def main(argv: list[str] | None = None) -> int:
-    from augserver import preprocessing
-    from augserver.datasets import DatasetError
-
-    parser = argparse.ArgumentParser(
-        prog="python -m client.evaluate",
-        description="Clean error, corruption error (mCE) and RMS calibration of a checkpoint.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint from client.train")
-    parser.add_argument("--test", "--test-npz", dest="test", required=True, metavar="SOURCE",
-                        help="an npz with x (NHWC uint8) and y, or FORMAT:PATH of a dataset's "
-                             "test split (cifar10:DIR, imagefolder:DIR, ...)")
-    parser.add_argument("--preprocess", choices=preprocessing.NAMES, default=None,
-                        help="test-time view for FORMAT:PATH [the checkpoint's job, else cifar "
-                             "for CIFAR and imagenet otherwise]")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate a seeded random subset of this many test samples")
-    parser.add_argument("--cache", required=True, help="cache directory for corrupted sets")
-    parser.add_argument("--json", help="write the result as JSON here")
-    parser.add_argument("--plot", help="write error vs severity as PNG here (needs matplotlib)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0, help="corruption seed")
-    parser.add_argument(
-        "--params",
-        choices=("cifar", "imagenet"),
-        default=None,
-        help="corruption table (default: cifar if the image side is <= 64)",
-    )
-    parser.add_argument("--names", nargs="+", default=list(CORRUPTIONS), metavar="NAME")
-    parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES), metavar="S")
-    parser.add_argument(
-        "--method",
-        help="row name in the table (default: the checkpoint's 'method' entry, else its file name)",
-    )
-    parser.add_argument(
-        "--alexnet-baseline",
-        action="store_true",
-        help="also report ImageNet-C's AlexNet-normalised mCE",
-    )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    args = parser.parse_args(argv)  # fmt: skip
-    try:
-        model, ckpt = load_checkpoint_model(args.checkpoint, args.device)
-        x, y = load_test_set(args.test, args.preprocess or ckpt.get("preprocess"), args.limit)
-    except (OSError, ValueError, RuntimeError, KeyError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    side = max(x.shape[1:3]) if x.ndim == 4 else 0
-    fallback = preprocessing.for_images(side, side)
-    mean = tuple(ckpt.get("mean", fallback.mean))
-    std = tuple(ckpt.get("std", fallback.std))
-    method = args.method or str(ckpt.get("method", Path(args.checkpoint).stem))
-    result = evaluate(
-        model, x, y, mean=mean, std=std, cache_dir=args.cache, device=args.device,
-        batch_size=args.batch_size, seed=args.seed, names=args.names,
-        severities=args.severities, params=args.params, progress=args.progress,
-        baseline=alexnet_baseline() if args.alexnet_baseline else None,
-    )  # fmt: skip
-    print(format_table({method: result}))
-    if args.json:
-        write_json(result, args.json)
-        print(f"results -> {args.json}")
-    if args.plot:
-        if plot_error_vs_severity({method: result}, args.plot):
-            print(f"plot -> {args.plot}")
-        else:
-            print("no plot: matplotlib is not installed", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Image classifiers for the example trainer (``client.train``) and the study (``client.study``).
+"""Image classifiers for the example trainer and the study (:mod:`client.programs`).
 
-    from client.models import build_model
+    from client.programs.models import build_model
     model = build_model("wrn40_2", num_classes=10)     # or "resnet18", "small_cnn"
 
 - ``wrn40_2``: the Wide ResNet the AugMix paper trains on CIFAR (depth 40, widen factor 2,

@@ -11,8 +11,9 @@ OpenCV and ImageMagick (Wand).
 
     corrupt(image, "fog", 3, np.random.default_rng(0))          # one HWC uint8 image
     corrupt_images(x, "fog", 3, seed=0)                          # NHWC, one seeded stream per image
-    for name, severity, xc in iter_corrupted(x, "cache/"): ...   # all 75 sets, cached as .npy
-    python -m client.corruptions --npz test.npz --cache cache/ [--preview grid.png]
+
+The parameter tables are in :mod:`client.robustness.tables`; the cache of whole corrupted sets
+in :mod:`client.robustness.cache`; the command line in :mod:`client.programs.corrupt`.
 
 Every random draw comes from the ``numpy.random.Generator`` passed in (``corrupt_images`` gives
 image ``i`` its own ``SeedSequence([seed, corruption index, severity, i])``), so the bytes do not
@@ -54,27 +55,14 @@ Where this differs from the originals (besides the random streams, which cannot 
   ``[-d, d - 1]``, and its tuple "swap" of numpy views, which in fact copies the neighbour into
   the pixel and leaves the neighbour unchanged (run in the same order on an index map, then
   applied once, so it stays fast).
-
-Cached sets (:func:`iter_corrupted`) live under ``cache_dir/<fingerprint>/<name>-<severity>.npy``
-where the fingerprint hashes the images (bytes and shape), the seed, the table and ``VERSION``;
-bump ``VERSION`` whenever a formula here changes.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
-import hashlib
 import io
-import json
 import math
-import os
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,86 +70,18 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from augserver import preprocessing
+from client.robustness.tables import (
+    CORRUPTIONS,
+    ELASTIC_SCALE,
+    FROST_SCALE,
+    MOTION_ANGLE,
+    PARAMS,
+    SEVERITIES,
+    SNOW_ANGLE,
+    TABLES,
+)
 
-__all__ = [
-    "CORRUPTIONS",
-    "MIN_SIDE",
-    "PARAMS",
-    "SEVERITIES",
-    "VERSION",
-    "cache_path",
-    "corrupt",
-    "corrupt_images",
-    "default_params",
-    "fingerprint",
-    "image_rng",
-    "iter_corrupted",
-    "main",
-]
-
-VERSION = 1
-CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-    "elastic_transform", "pixelate", "jpeg_compression",
-)  # fmt: skip
-SEVERITIES = (1, 2, 3, 4, 5)
-PARAMS = ("cifar", "imagenet")
 MIN_SIDE = 4  # elastic_transform's affine needs three distinct points
-
-# Per-severity parameters, as in make_cifar_c.py / make_imagenet_c.py.
-_TABLES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "cifar": {
-        "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
-        "shot_noise": (500, 250, 100, 75, 50),
-        "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
-        "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
-        # (sigma, max_delta, iterations)
-        "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
-        "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
-        "zoom_blur": ((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01),
-                      (1, 1.26, 0.01)),
-        # (loc, scale, zoom, threshold, blur radius, blur sigma, image weight)
-        "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
-                 (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-                 (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
-        "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
-        "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
-        "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
-        "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
-        # (alpha, sigma, affine) as fractions of the image side (IMSIZE = 32)
-        "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),
-                              (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
-        "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-        "jpeg_compression": (80, 65, 58, 50, 40),
-    },
-    "imagenet": {
-        "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
-        "shot_noise": (60, 25, 12, 5, 3),
-        "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
-        "defocus_blur": ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
-        "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
-        "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),
-        "zoom_blur": ((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
-                      (1, 1.31, 0.03)),
-        "snow": ((0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
-                 (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
-                 (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)),
-        "frost": ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
-        "fog": ((1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)),
-        "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
-        "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
-        # (alpha, sigma, affine) as fractions of 244 (sic, for 224 images)
-        "elastic_transform": ((2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02),
-                              (0.07, 0.01, 0.02), (0.12, 0.01, 0.02)),
-        "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
-        "jpeg_compression": (25, 18, 15, 10, 7),
-    },
-}  # fmt: skip
-_ELASTIC_SCALE = {"cifar": 1.0, "imagenet": 244 / 224}  # table side / image side
-_FROST_SCALE = {"cifar": 0.2, "imagenet": 1.0}  # make_cifar_c.py shrinks the photos by 0.2
-_MOTION_ANGLE = (-45.0, 45.0)
-_SNOW_ANGLE = (-135.0, -45.0)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -395,7 +315,7 @@ def _glass_blur(img, c, rng, params):
 
 
 def _motion_blur_op(img, c, rng, params):
-    angle = rng.uniform(*_MOTION_ANGLE)
+    angle = rng.uniform(*MOTION_ANGLE)
     return np.clip(np.rint(_motion_blur(img.astype(np.float64), c[0], c[1], angle)), 0, 255)
 
 
@@ -420,7 +340,7 @@ def _snow(img, c, rng, params):
     layer = _clipped_zoom(layer, zoom)
     layer[layer < threshold] = 0
     layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # the originals' L-mode PNG
-    angle = rng.uniform(*_SNOW_ANGLE)
+    angle = rng.uniform(*SNOW_ANGLE)
     streaks = np.rint(_motion_blur(layer.astype(np.float64), radius, sigma, angle))
     streaks = (np.clip(streaks, 0, 255) / 255.0)[..., None]
     x = weight * x + (1 - weight) * np.maximum(x, _grey(x) * 1.5 + 0.5)
@@ -429,7 +349,7 @@ def _snow(img, c, rng, params):
 
 def _frost(img, c, rng, params):
     h, w = img.shape[:2]
-    sheet = _frost_sheet(int(rng.integers(_FROST_SHEETS)), _FROST_SCALE[params], h + 1, w + 1)
+    sheet = _frost_sheet(int(rng.integers(_FROST_SHEETS)), FROST_SCALE[params], h + 1, w + 1)
     top = int(rng.integers(0, sheet.shape[0] - h))
     left = int(rng.integers(0, sheet.shape[1] - w))
     frost = sheet[top : top + h, left : left + w]
@@ -462,7 +382,7 @@ def _contrast(img, c, rng, params):
 
 def _elastic_transform(img, c, rng, params):
     h, w = img.shape[:2]
-    side = min(h, w) * _ELASTIC_SCALE[params]  # 32 -> 32 (cifar), 224 -> 244 (imagenet)
+    side = min(h, w) * ELASTIC_SCALE[params]  # 32 -> 32 (cifar), 224 -> 244 (imagenet)
     alpha, sigma, affine = (f * side for f in c)
     image = img.astype(np.float32) / 255.0
     # Random affine: three points around the centre, each moved by up to `affine` px.
@@ -533,13 +453,13 @@ def default_params(height: int, width: int) -> str:
     return preprocessing.for_images(height, width).name
 
 
-def _check_name(name: object) -> str:
+def check_name(name: object) -> str:
     if not isinstance(name, str) or name not in _OPS:
         raise ValueError(f"unknown corruption {name!r}; valid names: {', '.join(CORRUPTIONS)}")
     return name
 
 
-def _check_severity(severity: object) -> int:
+def check_severity(severity: object) -> int:
     if isinstance(severity, bool) or not isinstance(severity, int | np.integer):
         raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
     if int(severity) not in SEVERITIES:
@@ -547,7 +467,7 @@ def _check_severity(severity: object) -> int:
     return int(severity)
 
 
-def _check_params(params: object, height: int, width: int) -> str:
+def check_params(params: object, height: int, width: int) -> str:
     if params is None:
         return default_params(height, width)
     if params not in PARAMS:
@@ -563,7 +483,7 @@ def _check_image_shape(shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what} must be at least {MIN_SIDE}x{MIN_SIDE} pixels, got {h}x{w}")
 
 
-def _check_image(image: object) -> np.ndarray:
+def check_image(image: object) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -574,7 +494,7 @@ def _check_image(image: object) -> np.ndarray:
     return image
 
 
-def _check_images(images: object) -> np.ndarray:
+def check_images(images: object) -> np.ndarray:
     if not isinstance(images, np.ndarray):
         raise ValueError(f"images must be a numpy array, got {type(images).__name__}")
     if images.dtype != np.uint8:
@@ -586,7 +506,7 @@ def _check_images(images: object) -> np.ndarray:
 
 
 def _corrupt(image: np.ndarray, name: str, severity: int, rng, params: str) -> np.ndarray:
-    c = _TABLES[params][name][severity - 1]
+    c = TABLES[params][name][severity - 1]
     out = _OPS[name](image, c, rng, params)
     if out.dtype != np.uint8:
         out = np.clip(out, 0, 255).astype(np.uint8)  # truncation, as np.uint8(...) did
@@ -607,12 +527,12 @@ def corrupt(
     comes from ``rng``. Raises ValueError for an unknown name, a severity outside 1..5 or an
     image that is not uint8 H x W x 3 (at least ``MIN_SIDE`` pixels a side).
     """
-    name = _check_name(name)
-    severity = _check_severity(severity)
-    image = _check_image(image)
+    name = check_name(name)
+    severity = check_severity(severity)
+    image = check_image(image)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    params = _check_params(params, image.shape[0], image.shape[1])
+    params = check_params(params, image.shape[0], image.shape[1])
     return _corrupt(np.ascontiguousarray(image), name, severity, rng, params)
 
 
@@ -632,10 +552,10 @@ def corrupt_images(
 ) -> np.ndarray:
     """Corrupt every image of an N x H x W x 3 uint8 batch; image ``i`` draws from
     :func:`image_rng` ``(seed, name, severity, i)``, so results do not depend on batching."""
-    name = _check_name(name)
-    severity = _check_severity(severity)
-    images = _check_images(images)
-    params = _check_params(params, images.shape[1], images.shape[2])
+    name = check_name(name)
+    severity = check_severity(severity)
+    images = check_images(images)
+    params = check_params(params, images.shape[1], images.shape[2])
     out = np.empty_like(images)
     for i in range(len(images)):
         rng = image_rng(seed, name, severity, i)
@@ -643,146 +563,7 @@ def corrupt_images(
     return out
 
 
-# ----------------------------------------------------------------------------------- cache
-
-
-def fingerprint(images: np.ndarray, seed: int = 0, params: str | None = None) -> str:
-    """Hex digest naming a cache directory: the images' bytes and shape, seed, table, VERSION."""
-    images = _check_images(images)
-    params = _check_params(params, images.shape[1], images.shape[2])
-    h = hashlib.sha256()
-    h.update(f"augserver-corruptions v{VERSION} {params} seed={seed} {images.shape}".encode())
-    h.update(memoryview(np.ascontiguousarray(images)).cast("B"))
-    return h.hexdigest()[:24]
-
-
-def cache_path(
-    images: np.ndarray,
-    cache_dir: str | os.PathLike,
-    name: str,
-    severity: int,
-    *,
-    seed: int = 0,
-    params: str | None = None,
-) -> Path:
-    """Where :func:`iter_corrupted` keeps the set ``(name, severity)`` of ``images``."""
-    return Path(cache_dir) / fingerprint(images, seed, params) / f"{name}-{severity}.npy"
-
-
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through a temporary file in its directory and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached set at ``path``, or None when missing, unreadable, truncated or mis-shaped."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):  # missing, unreadable, truncated, not an .npy
-        return None
-    if arr.dtype != np.uint8 or arr.shape != shape:
-        return None
-    return arr
-
-
-def _load_or_make(
-    images: np.ndarray, directory: Path, name: str, severity: int, seed: int, params: str
-) -> tuple[np.ndarray, bool]:
-    """(the set, whether it came from the cache)."""
-    path = directory / f"{name}-{severity}.npy"
-    cached = _load_cached(path, images.shape)
-    if cached is not None:
-        return cached, True
-    made = corrupt_images(images, name, severity, seed, params)
-    _atomic_write(path, lambda f: np.save(f, made, allow_pickle=False))
-    return made, False
-
-
-def _check_selection(
-    names: Iterable[str], severities: Iterable[int]
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    if isinstance(names, str):
-        names = (names,)
-    names = tuple(_check_name(n) for n in names)
-    severities = tuple(_check_severity(s) for s in severities)
-    if not names:
-        raise ValueError("names must name at least one corruption")
-    if not severities:
-        raise ValueError("severities must hold at least one severity")
-    return names, severities
-
-
-def _prepare_cache(
-    images: np.ndarray, cache_dir: str | os.PathLike, seed: int, params: str | None
-) -> tuple[Path, str]:
-    params = _check_params(params, images.shape[1], images.shape[2])
-    directory = Path(cache_dir) / fingerprint(images, seed, params)
-    meta = directory / "meta.json"
-    if not meta.exists():
-        info = {
-            "version": VERSION,
-            "params": params,
-            "seed": seed,
-            "shape": list(images.shape),
-            "files": "<name>-<severity>.npy, uint8 N x H x W x 3",
-        }
-        _atomic_write(meta, lambda f: f.write(json.dumps(info, indent=1).encode() + b"\n"))
-    return directory, params
-
-
-def _iter_sets(
-    images: np.ndarray,
-    cache_dir: str | os.PathLike,
-    seed: int,
-    names: Iterable[str],
-    severities: Iterable[int],
-    params: str | None,
-) -> Iterator[tuple[str, int, np.ndarray, bool]]:
-    images = _check_images(images)
-    names, severities = _check_selection(names, severities)
-    directory, params = _prepare_cache(images, cache_dir, seed, params)
-
-    def generate() -> Iterator[tuple[str, int, np.ndarray, bool]]:
-        for name in names:
-            for severity in severities:
-                arr, hit = _load_or_make(images, directory, name, severity, seed, params)
-                yield name, severity, arr, hit
-
-    return generate()
-
-
-def iter_corrupted(
-    images: np.ndarray,
-    cache_dir: str | os.PathLike,
-    *,
-    seed: int = 0,
-    names: Iterable[str] = CORRUPTIONS,
-    severities: Iterable[int] = SEVERITIES,
-    params: str | None = None,
-) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Yield ``(name, severity, corrupted NHWC uint8)`` for every name x severity, in order.
-
-    Each set is made with :func:`corrupt_images` and saved atomically as
-    ``cache_dir/<fingerprint>/<name>-<severity>.npy``; a later call loads it instead of
-    recomputing. A cache file that cannot be loaded or has the wrong shape is made again.
-    Arguments are checked before the first set is made.
-    """
-    sets = _iter_sets(images, cache_dir, seed, names, severities, params)
-    return ((name, severity, arr) for name, severity, arr, _ in sets)
-
-
-# ------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------- preview
 
 
 def preview_grid(
@@ -799,8 +580,8 @@ def preview_grid(
 
     ``index`` is the image's index in its set, so the cells equal the cached sets' images.
     """
-    image = _check_image(image)
-    params = _check_params(params, image.shape[0], image.shape[1])
+    image = check_image(image)
+    params = check_params(params, image.shape[0], image.shape[1])
     h, w = image.shape[:2]
     zoom = max(1, math.ceil(min_cell / max(h, w)))
     cell_w, cell_h = w * zoom, h * zoom
@@ -826,85 +607,3 @@ def preview_grid(
             out = _corrupt(np.ascontiguousarray(image), name, severity, rng, params)
             grid.paste(big(out), (label_w + col * (cell_w + pad), y))
     return grid
-
-
-def _load_npz_images(path: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise ValueError(f"{path}: no array 'x' (NHWC uint8) in the npz")
-        return _check_images(data["x"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m client.corruptions",
-        description="Make CIFAR-10-C / ImageNet-C style corrupted sets of an npz's images.",
-    )
-    parser.add_argument("--npz", required=True, help="npz holding x: N x H x W x 3 uint8")
-    parser.add_argument("--cache", help="cache directory to fill")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--params",
-        choices=PARAMS,
-        default=None,
-        help="parameter table (default: cifar if the image side is <= 64)",
-    )
-    parser.add_argument(
-        "--names",
-        nargs="+",
-        default=list(CORRUPTIONS),
-        metavar="NAME",
-        help=f"corruptions (default: all 15: {' '.join(CORRUPTIONS)})",
-    )
-    parser.add_argument(
-        "--severities",
-        nargs="+",
-        type=int,
-        default=list(SEVERITIES),
-        metavar="S",
-        help="severities (default: 1 2 3 4 5)",
-    )
-    parser.add_argument(
-        "--preview",
-        metavar="OUT.png",
-        help="also write a grid of one image under every corruption/severity",
-    )
-    parser.add_argument("--preview-index", type=int, default=0, help="image shown by --preview")
-    args = parser.parse_args(argv)  # fmt: skip
-    if args.cache is None and args.preview is None:
-        parser.error("give --cache DIR and/or --preview OUT.png")
-    try:
-        images = _load_npz_images(args.npz)
-        names, severities = _check_selection(args.names, args.severities)
-        params = _check_params(args.params, images.shape[1], images.shape[2])
-        if not 0 <= args.preview_index < len(images):
-            raise ValueError(f"--preview-index must be in 0..{len(images) - 1}")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    n, h, w = images.shape[:3]
-    if args.cache is not None:
-        print(f"{n} images {h}x{w}, table {params}, seed {args.seed}, "
-              f"{len(names) * len(severities)} sets -> {args.cache}", flush=True)  # fmt: skip
-        start = time.perf_counter()
-        sets = _iter_sets(images, args.cache, args.seed, names, severities, params)
-        made = 0
-        for name, severity, _arr, hit in sets:
-            t = time.perf_counter() - start
-            made += not hit
-            print(f"  {name}-{severity}: {'cached' if hit else 'made'} ({t:.1f} s)", flush=True)
-        where = Path(args.cache) / fingerprint(images, args.seed, params)
-        print(f"{made} made, {len(names) * len(severities) - made} from the cache, in {where} "
-              f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
-    if args.preview is not None:
-        grid = preview_grid(
-            images[args.preview_index], index=args.preview_index, seed=args.seed,
-            params=params, names=names, severities=severities,
-        )  # fmt: skip
-        grid.save(args.preview)
-        print(f"preview of image {args.preview_index} -> {args.preview}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

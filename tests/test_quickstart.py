@@ -1,14 +1,14 @@
-"""The README's main command (``python -m client.demo``) end to end, shortened."""
+"""The README's main command (``python -m client.programs.quickstart``) end to end, shortened."""
 
 from __future__ import annotations
 
 import re
 
-from client import demo
+from client.programs import quickstart
 
 
-def test_demo_trains_through_the_service_and_stops_everything(capsys):
-    status = demo.main(["--steps", "12", "--workers", "1", "--batch-size", "32"])
+def test_quickstart_trains_through_the_service_and_stops_everything(capsys):
+    status = quickstart.main(["--steps", "12", "--workers", "1", "--batch-size", "32"])
     out = capsys.readouterr().out
     assert status in (0, 1)  # 0 when the loss fell over the run
     assert "batches/epoch of 32" in out

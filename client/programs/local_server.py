@@ -1,6 +1,6 @@
 """A dispatcher with local workers as a subprocess, for single-host runs, demos and tests.
 
-    from client.local_server import local_server
+    from client.programs.local_server import local_server
 
     job = {"dataset": {"format": "npz", "path": "train.npz"}, "preprocess": "cifar"}
     with local_server(job, workers=2) as address:           # tcp://127.0.0.1:<free port>

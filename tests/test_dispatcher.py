@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from augserver import dispatcher_state as dispatcher_module
 from augserver import protocol
@@ -533,3 +534,14 @@ def test_worker_cli_exits_fatal_when_refused(tmp_path: Path, procs: int) -> None
         finally:
             end_process(proc)
     assert "0.0-other" in proc.stderr.read().decode()
+
+
+def test_kernel_command_times_the_kernel_and_writes_a_preview(tmp_path: Path,
+                                                               capsys: Any) -> None:
+    preview = tmp_path / "preview.png"
+    assert main(["kernel", "--seconds", "0.05", "--preview", str(preview)]) == 0
+    out = capsys.readouterr().out
+    assert "cifar 32x32 severity 3:" in out and "imagenet 224x224 severity 1:" in out
+    assert out.count("triples/s on one core") == 2
+    with Image.open(preview) as grid:  # two rows (32 px and 224 px) of orig | aug1 | aug2
+        assert grid.size == (3 * 224, 2 * 224)

@@ -21,3 +21,17 @@ def photos() -> dict[str, np.ndarray]:
         "coffee224": resized(skimage.data.coffee(), 224, 224),
         "chelsea61x40": resized(skimage.data.chelsea(), 61, 40),
     }
+
+
+LANES = ("unit", "service")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is in exactly one lane: ``unit`` (in-process, no servers, the fast lane:
+    ``pytest -m unit``) or ``service`` (starts dispatchers, workers or other processes);
+    ``slow`` marks the longest service tests."""
+    for item in items:
+        lanes = [lane for lane in LANES if item.get_closest_marker(lane)]
+        if len(lanes) != 1:
+            raise pytest.UsageError(
+                f"{item.nodeid}: needs exactly one of the markers {', '.join(LANES)}, has {lanes}")

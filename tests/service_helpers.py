@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +85,60 @@ def write_config(folder: Path, dataset: Path, fmt: str = "npz", **keys: Any) -> 
 def job(folder: Path, dataset: Path, fmt: str = "npz", **keys: Any) -> JobConfig:
     """The validated config of :func:`write_config`."""
     return load_config(write_config(folder, dataset, fmt, **keys))
+
+
+# ---------------------------------------------------------------------------- CIFAR files
+
+
+def cifar_rows(images: np.ndarray) -> np.ndarray:
+    """CIFAR's on-disk rows: the R plane, then G, then B, each 32 x 32 row-major."""
+    return images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+
+
+def write_pickle(path: Path, obj: Any) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def write_cifar10(folder: Path, images: np.ndarray) -> list[np.ndarray]:
+    """A cifar-10-batches-py folder; batch k holds the photos rolled by k. Returns the batches."""
+    folder.mkdir(parents=True)
+    batches = []
+    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        x = np.roll(images, k, axis=0)
+        labels = [(k + j) % 10 for j in range(len(x))]
+        write_pickle(
+            folder / name,
+            {
+                b"batch_label": f"batch {k}".encode(),
+                b"labels": labels,
+                b"data": cifar_rows(x),
+                b"filenames": [f"img_{k}_{j}.png".encode() for j in range(len(x))],
+            },
+        )
+        batches.append(x)
+    names10 = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
+    names10 += [b"dog", b"frog", b"horse", b"ship", b"truck"]
+    write_pickle(folder / "batches.meta", {b"label_names": names10, b"num_vis": 3072})
+    return batches
+
+
+def write_cifar100(folder: Path, images: np.ndarray) -> None:
+    folder.mkdir(parents=True)
+    for name, x in (("train", images), ("test", images[::-1])):
+        write_pickle(
+            folder / name,
+            {
+                b"filenames": [b"x.png"] * len(x),
+                b"batch_label": name.encode(),
+                b"fine_labels": [99 - j for j in range(len(x))],
+                b"coarse_labels": [j for j in range(len(x))],
+                b"data": cifar_rows(x),
+            },
+        )
+    fine = [f"class{j}".encode() for j in range(100)]
+    coarse = [f"super{j}".encode() for j in range(20)]
+    write_pickle(folder / "meta", {b"fine_label_names": fine, b"coarse_label_names": coarse})
 
 
 # ---------------------------------------------------------------------------- processes
@@ -287,3 +343,27 @@ class RawClient:
                 errors[message["stream"]] = message
                 open_streams.discard(message["stream"])
         return {**batches, "errors": errors}
+
+
+# ---------------------------------------------------------------------------- metrics
+
+_EXPOSITION_SAMPLE = re.compile(
+    r'([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\]|\\.)*",?)*\})? (-?[0-9.e+]+|NaN)'
+)
+
+
+def parse_exposition(text: str) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
+    """Prometheus text exposition as (metric family -> type, (name, labels) -> value); every
+    line must be well formed."""
+    types: dict[str, str] = {}
+    values: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+        elif not line.startswith("# HELP "):
+            match = _EXPOSITION_SAMPLE.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            assert match[1] in types, f"{match[1]} has no # TYPE line before it"
+            values[(match[1], match[2] or "")] = float(match[3])
+    return types, values

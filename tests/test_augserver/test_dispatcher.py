@@ -48,6 +48,8 @@ from tests.service_helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.service
+
 V = protocol.PROTOCOL_VERSION  # the version this side speaks
 
 BATCH_BYTES = 3 * 4 * 32 * 32 * 3 + 16 * 4  # jsd views, batch 4, 32 px, labels + indices

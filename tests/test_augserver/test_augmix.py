@@ -20,6 +20,8 @@ from augserver.augmix import (
 from augserver.errors import ConfigError
 from augserver.reference import PIL_OPS
 
+pytestmark = pytest.mark.unit
+
 
 def replay_with_pillow(image: np.ndarray, program, views: int) -> np.ndarray:
     """The float64 AugMix result of ``program`` computed with the reference Pillow ops."""

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from augserver.augmix import sample_rng
 from augserver.plan import ShardPlan, epoch_permutation, from_ranges, to_ranges
 
+pytestmark = pytest.mark.unit
+
 
 def test_permutation_is_a_function_of_seed_epoch_and_length():
     a = epoch_permutation(0, 0, 100)

@@ -23,6 +23,8 @@ from augserver.dispatcher_state import (
     Task,
 )
 
+pytestmark = pytest.mark.unit
+
 N = 20  # samples; batch 2: 10 positions per single-rank epoch
 
 

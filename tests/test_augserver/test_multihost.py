@@ -28,6 +28,8 @@ from augserver.plan import ShardPlan
 from augserver.stats import DispatcherStats
 from tests.service_helpers import REPO, end_process, make_npz, wait_for, write_config
 
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
 PORT = 5555
 N, BATCH = 96, 4  # 24 batches per epoch
 HOSTS = ("disp", "w1", "w2", "client")  # host K (K >= 1) is reached over link K

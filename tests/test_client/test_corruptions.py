@@ -21,12 +21,14 @@ from client.robustness import corruptions as C
 from client.robustness.cache import cache_path, fingerprint, iter_corrupted
 from client.robustness.corruptions import corrupt, corrupt_images, image_rng
 from client.robustness.tables import CORRUPTIONS, SEVERITIES, TABLES
+from tests.service_helpers import REPO
+
+pytestmark = pytest.mark.unit
 
 # Corruptions that draw nothing from the generator.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate",
                  "jpeg_compression"}  # fmt: skip
 RANDOM = [n for n in CORRUPTIONS if n not in DETERMINISTIC]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

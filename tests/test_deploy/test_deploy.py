@@ -23,8 +23,11 @@ import yaml
 from augserver.cli import build_parser
 from augserver.config import load_config
 from client.programs.train import build_parser as train_parser
+from tests.service_helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit
+
+ROOT = REPO
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CURVE = DEPLOY / "compose.curve.yml"

@@ -28,8 +28,10 @@ from augserver.datasets import (
     open_dataset,
 )
 from augserver.transforms import imagenet_train
+from tests.service_helpers import REPO, cifar_rows, write_cifar10, write_cifar100, write_pickle
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "colorwheel")
 
 
@@ -43,60 +45,6 @@ def photo(name: str, width: int, height: int) -> np.ndarray:
 def tiny_photos() -> np.ndarray:
     """Six real photos at 32 x 32, N x H x W x 3."""
     return np.stack([photo(name, 32, 32) for name in PHOTOS])
-
-
-# ---------------------------------------------------------------------------- CIFAR fixtures
-
-
-def cifar_rows(images: np.ndarray) -> np.ndarray:
-    """CIFAR's on-disk rows: the R plane, then G, then B, each 32 x 32 row-major."""
-    return images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
-
-
-def write_pickle(path: Path, obj: Any) -> None:
-    path.write_bytes(pickle.dumps(obj, protocol=2))
-
-
-def write_cifar10(folder: Path, images: np.ndarray) -> list[np.ndarray]:
-    """A cifar-10-batches-py folder; batch k holds the photos rolled by k. Returns the batches."""
-    folder.mkdir(parents=True)
-    batches = []
-    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
-    for k, name in enumerate(names):
-        x = np.roll(images, k, axis=0)
-        labels = [(k + j) % 10 for j in range(len(x))]
-        write_pickle(
-            folder / name,
-            {
-                b"batch_label": f"batch {k}".encode(),
-                b"labels": labels,
-                b"data": cifar_rows(x),
-                b"filenames": [f"img_{k}_{j}.png".encode() for j in range(len(x))],
-            },
-        )
-        batches.append(x)
-    names10 = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
-    names10 += [b"dog", b"frog", b"horse", b"ship", b"truck"]
-    write_pickle(folder / "batches.meta", {b"label_names": names10, b"num_vis": 3072})
-    return batches
-
-
-def write_cifar100(folder: Path, images: np.ndarray) -> None:
-    folder.mkdir(parents=True)
-    for name, x in (("train", images), ("test", images[::-1])):
-        write_pickle(
-            folder / name,
-            {
-                b"filenames": [b"x.png"] * len(x),
-                b"batch_label": name.encode(),
-                b"fine_labels": [99 - j for j in range(len(x))],
-                b"coarse_labels": [j for j in range(len(x))],
-                b"data": cifar_rows(x),
-            },
-        )
-    fine = [f"class{j}".encode() for j in range(100)]
-    coarse = [f"super{j}".encode() for j in range(20)]
-    write_pickle(folder / "meta", {b"fine_label_names": fine, b"coarse_label_names": coarse})
 
 
 # ---------------------------------------------------------------------------- CIFAR

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from client.programs import quickstart
+
+pytestmark = pytest.mark.service
 
 
 def test_quickstart_trains_through_the_service_and_stops_everything(capsys):

@@ -24,6 +24,8 @@ from augserver.config import (
     load_config,
 )
 
+pytestmark = pytest.mark.unit
+
 FULL = {
     "dataset": {"format": "npz", "path": "train.npz", "train": False},
     "preprocess": "cifar",

@@ -32,7 +32,10 @@ from tests.service_helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE"),
+]
 
 ROLES = ("server", "worker", "client", "stranger")
 

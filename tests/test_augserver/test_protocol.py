@@ -12,6 +12,8 @@ import zmq
 from augserver import protocol
 from augserver.protocol import ProtocolError, decode, encode, relay
 
+pytestmark = pytest.mark.unit
+
 V = protocol.PROTOCOL_VERSION  # the version this side speaks
 
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from client import jsd_loss, split_views
 from client.loss import jsd_loss_from_concat
 
+pytestmark = pytest.mark.unit
+
 
 def numpy_reference(lc, l1, l2, targets, lam: float) -> float:
     """AugMix loss written out with explicit float64 log-softmax / sum math (no torch)."""

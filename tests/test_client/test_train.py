@@ -31,10 +31,10 @@ from client.programs.train import (
     main,
 )
 from client.programs.train import make_scheduler as make_cosine
+from tests.service_helpers import REPO, make_npz, wait_for
 
-from .service_helpers import make_npz, wait_for
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "small_cnn", "--no-progress", "--log-every", "1", "--epochs", "3"]
 
 

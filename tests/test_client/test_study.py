@@ -12,6 +12,8 @@ import pytest
 from client.programs.study import digits_split, main
 from client.programs.train import METHODS
 
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
 
 def test_split_is_stratified_and_seeded() -> None:
     x_train, y_train, x_test, y_test = digits_split(seed=0)

@@ -23,6 +23,8 @@ from augserver.transforms import (
     to_rgb_array,
 )
 
+pytestmark = pytest.mark.unit
+
 DRAFT_INFO = "augserver.draft"
 
 

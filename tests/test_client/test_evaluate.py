@@ -25,6 +25,8 @@ from client.robustness.evaluation import (
 )
 from client.robustness.metrics import ALEXNET_MEAN_ERRORS, alexnet_baseline, rms_calibration_error
 
+pytestmark = pytest.mark.unit
+
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 
 
@@ -319,7 +321,7 @@ def test_cli_bad_files(tmp_path, capsys) -> None:
 
 
 def test_load_test_set_from_an_npz_and_from_dataset_splits(tmp_path) -> None:
-    from tests.test_datasets import write_cifar10
+    from tests.service_helpers import write_cifar10
 
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
@@ -342,7 +344,7 @@ def test_load_test_set_from_an_npz_and_from_dataset_splits(tmp_path) -> None:
 
 
 def test_cli_evaluates_a_dataset_test_split(tmp_path, capsys) -> None:
-    from tests.test_datasets import write_cifar10
+    from tests.service_helpers import write_cifar10
 
     write_cifar10(tmp_path / "cifar", np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3),
                                                                          dtype=np.uint8))

@@ -8,6 +8,8 @@ import pytest
 from augserver import op_names, ops
 from augserver.reference import apply_pil
 
+pytestmark = pytest.mark.unit
+
 SIZES = ("astronaut32", "coffee224", "chelsea61x40")
 
 

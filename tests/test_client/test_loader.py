@@ -25,6 +25,7 @@ from augserver.stats import DispatcherStats
 from augserver.status import request_status
 from client import AugMixBatch, RemoteAugMixLoader, RemoteError
 from tests.service_helpers import (
+    REPO,
     dispatcher_thread,
     end_process,
     free_port,
@@ -35,6 +36,8 @@ from tests.service_helpers import (
     wait_workers,
 )
 from tests.service_helpers import write_config as _write_config
+
+pytestmark = pytest.mark.service
 
 N = 48  # samples; batch 8 -> 6 batches per epoch on one rank
 
@@ -345,11 +348,11 @@ def test_two_ranks_under_torch_distributed(tmp_path, procs):
     address = free_address()
     procs.serve(job_config(tmp_path, N), address, workers=2)
     init = f"file://{tmp_path / 'dist-init'}"
-    script = Path(__file__).with_name("distributed_rank.py")
+    script = REPO / "tests" / "distributed_rank.py"
     ranks = [
         subprocess.Popen(
             [sys.executable, str(script), address, init, str(rank), "2", str(tmp_path)],
-            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
         for rank in range(2)
     ]

@@ -298,11 +298,9 @@ def test_dockerfile_server_image() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     # the kernels are warmed as the runtime user, into the NUMBA_CACHE_DIR it can write
     assert any(k == "ENV" and "NUMBA_CACHE_DIR=" in a for k, a in steps)
-    warm = [i for i, (k, a) in enumerate(steps) if k == "RUN" and "augmix_views" in a]
+    warm = [i for i, (k, a) in enumerate(steps) if k == "RUN" and "warm_up()" in a]
     assert warm and warm[0] > kinds.index("USER")
-    snippet = re.search(r'python -c "(.*)"', steps[warm[0]][1])
-    assert snippet is not None
-    compile(snippet[1], "warm-up", "exec")
+    compile(warm_up_snippet(), "warm-up", "exec")
 
     assert ("EXPOSE", str(PORT)) in steps
     (healthcheck,) = [args for kind, args in steps if kind == "HEALTHCHECK"]
@@ -638,3 +636,13 @@ def test_k8s_curve_keys_documented() -> None:
     for name in ("augserver.key_secret", "augserver.key", "worker.key_secret", "worker.key"):
         assert f"--from-file=keys/{name}" in readme
     assert "docker compose -f docker-compose.yml -f deploy/compose.curve.yml" in readme
+
+
+def warm_up_snippet() -> str:
+    """The Python the image runs to compile the kernels into its cache."""
+    steps = _instructions(DEPLOY / "Dockerfile")
+    (run,) = [a for k, a in steps if k == "RUN" and "warm_up()" in a]
+    snippet = re.search(r'python -c "(.*)"', run)
+    assert snippet is not None
+    return snippet[1]
+

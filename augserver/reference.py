@@ -1,4 +1,4 @@
-"""The reference AugMix operations: the Pillow calls of AUGMIX.md, one per operation.
+"""The reference AugMix operations: the Pillow calls of docs/augmix.md, one per op.
 
 This is the ground truth that :mod:`augserver.ops` reproduces byte for byte, written the
 way the authors' reference implementation calls Pillow. The tests compare against it and
@@ -35,7 +35,7 @@ PIL_OPS: dict[str, PilOp] = {
     "brightness": lambda img, f: ImageEnhance.Brightness(img).enhance(f),
     "sharpness": lambda img, f: ImageEnhance.Sharpness(img).enhance(f),
 }
-"""Operation name to ``op(pil_image, value) -> pil_image``, exactly as in AUGMIX.md."""
+"""Operation name to ``op(pil_image, value) -> pil_image``, exactly as in docs/augmix.md."""
 
 
 def apply_pil(name: str, image: np.ndarray, value: object = None) -> np.ndarray:

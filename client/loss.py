@@ -1,6 +1,6 @@
 """AugMix Jensen-Shannon consistency loss (training side, torch).
 
-Follows the authors' reference (AUGMIX.md, "The Jensen-Shannon consistency loss"):
+Follows the authors' reference (docs/augmix.md, "The Jensen-Shannon consistency loss"):
 
     p_c, p_1, p_2 = softmax(logits_clean), softmax(logits_aug1), softmax(logits_aug2)
     log_M = log(clamp((p_c + p_1 + p_2) / 3, 1e-7, 1))

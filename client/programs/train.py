@@ -4,7 +4,7 @@
     python -m client.programs.train --connect tcp://HOST:5555              # a running dispatcher
     torchrun --nproc-per-node 4 -m client.programs.train --connect tcp://HOST:5555       # DDP
 
-Defaults are the paper's CIFAR recipe (AUGMIX.md): WRN-40-2, 100 epochs, batch 128, SGD with
+Defaults are the paper's CIFAR recipe (docs/augmix.md): WRN-40-2, 100 epochs, batch 128, SGD with
 nesterov momentum 0.9, lr 0.1 with the reference's per-step cosine decay (LambdaLR of
 ``0.5 * (1 + cos(pi * step / total_steps))`` with a floor of ``1e-6 / lr``), weight decay
 5e-4, the JSD loss with lambda 12. The method is one setting:

@@ -37,9 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import UsualAugMix
 
-from augserver import protocol
+from augserver import protocol, session
 from augserver.augmix import augmix_views, sample_rng
-from augserver.config import load_config
+from augserver.config import config_from_dict, load_config
 from augserver.datasets import open_dataset
 from augserver.preprocessing import preprocess
 from augserver.status import request_status
@@ -201,22 +201,12 @@ def kernel_rate(config: Path, seconds: float) -> tuple[float, float]:
 
 def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> None:
     """A worker that answers every task at once with a prepared batch of the right shape."""
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    sock.send_multipart(
-        protocol.encode(
-            "hello", role="worker", protocol=protocol.PROTOCOL_VERSION,
-            versions=protocol.pixel_versions(), name=f"noop-{threading.get_native_id()}",
-        )
-    )  # fmt: skip
-    welcome = protocol.decode(sock.recv_multipart(copy=False))
-    job = welcome["config"]
-    side = 32 if job["preprocess"] == "cifar" else 224
-    views = 3 if job["jsd"] else 1
-    batch = job["batch_size"]
-    pixels = np.zeros((views, batch, side, side, 3), np.uint8)
-    labels = np.zeros(batch, np.int64)
+    sock = session.dealer(context, address)
+    welcome = session.handshake(sock, "worker", f"noop-{threading.get_native_id()}", address,
+                                30.0, curve=False)
+    job = config_from_dict(welcome["config"], check_paths=False)
+    pixels = np.zeros_like(job.layout.empty_views(job.batch_size))
+    labels = np.zeros(job.batch_size, np.int64)
     sock.send_multipart(protocol.encode("ready", slots=4))
     last_beat = time.monotonic()
     while not stop.is_set():
@@ -307,16 +297,8 @@ def dispatcher_tasks_per_second(
     the load generators share the cores with the dispatcher; its busiest thread's CPU time per
     task bounds what it can do with cores of its own."""
     with Server(config, 0) as server, noop_fleet(server.address, workers) as context:
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(server.address)
-        sock.send_multipart(
-            protocol.encode(
-                "hello", role="client", protocol=protocol.PROTOCOL_VERSION,
-                versions=protocol.pixel_versions(), name="bench",
-            )
-        )  # fmt: skip
-        protocol.decode(sock.recv_multipart(copy=False))
+        sock = session.dealer(context, server.address)
+        session.handshake(sock, "client", "bench", server.address, 30.0, curve=False)
         received = 0
         epoch = 0
         cpu_start = thread_cpu(server.process.pid)

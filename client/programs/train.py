@@ -79,6 +79,7 @@ from augserver import preprocessing
 from augserver.cli import positive_int
 from augserver.config import ConfigError, JobConfig
 from augserver.datasets import FORMATS
+from augserver.errors import AugserverError
 from client.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from client.distributed import world
 from client.loader import AugMixBatch, RemoteAugMixLoader
@@ -111,7 +112,7 @@ _METHOD_JOB = {
 _WINDOW = 50  # steps in the running loss / samples/s / data-wait window
 
 
-class TrainError(RuntimeError):
+class TrainError(AugserverError, RuntimeError):
     """A training run that cannot start as asked (a job/method mismatch, a bad checkpoint)."""
 
 

@@ -108,6 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     supervisor = None
     try:
+        if config.workers and not _load_kernels_for_workers("serve"):
+            return 2
         if config.workers:
             supervisor = Supervisor(local_address(dispatcher.address), config.workers,
                                     args.log_level, _local_worker_keys(config))
@@ -161,6 +163,40 @@ def _client_keys(args: argparse.Namespace, command: str) -> ClientKeys | None:
         raise SystemExit(2) from None
 
 
+def _load_kernels_for_workers(command: str) -> bool:
+    """Make sure numba's cache holds the kernels before starting worker processes: the first run
+    after an install compiles them here, once, and the workers then load them from the cache
+    instead of each compiling them on the same cores. False (reported) when that fails."""
+    from augserver.kernels_cache import cache_dir, is_warm, load_kernels
+
+    log = logging.getLogger("augserver.kernels")
+    try:
+        if is_warm():
+            log.info("AugMix kernels cached in %s; the workers load them from there", cache_dir())
+            return True
+        log.info("compiling the AugMix kernels once, before starting the workers (the first run "
+                 "after an install; about 10 s)")
+        result = load_kernels()
+    except RuntimeError as exc:
+        print(f"augserver {command}: {exc}", file=sys.stderr)
+        return False
+    log.log(logging.WARNING if result.problems else logging.INFO, "%s", result.describe())
+    return True
+
+
+def _warm_up(args: argparse.Namespace) -> int:
+    """Compile the kernels into numba's cache (or check they are there) and say where."""
+    from augserver.kernels_cache import load_kernels
+
+    try:
+        result = load_kernels()
+    except RuntimeError as exc:
+        print(f"augserver warm-up: {exc}", file=sys.stderr)
+        return 1
+    print(result.describe())
+    return 1 if result.problems or result.cache_dir is None else 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     """Generate a CURVE key pair and say where each file goes."""
     from augserver.security import create_keys
@@ -189,6 +225,8 @@ def _worker(args: argparse.Namespace) -> int:
         return run_worker(args.connect, stop=stop, keys=keys)
     from augserver.supervisor import Supervisor
 
+    if not _load_kernels_for_workers("worker"):
+        return 2
     extra = ["--key", args.key, "--server-key", args.server_key] if keys else []
     supervisor = Supervisor(args.connect, args.procs, args.log_level, extra)
     supervisor.start()
@@ -286,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--preview", default="augmix_preview.png",
                         help="PNG to write ('' for none)")
     kernel.set_defaults(run=_kernel)
+    warm = commands.add_parser(
+        "warm-up", help="compile the AugMix kernels into numba's cache ahead of the first run")
+    warm.set_defaults(run=_warm_up)
     _add_service_commands(commands)
     return parser
 

@@ -101,6 +101,7 @@ class Peer:
     name: str
     last_seen: float
     free: int = 0  # worker: slots announced and not yet used
+    warming: bool = True  # worker: no ready yet (it is loading its kernels)
     tasks: set[int] = field(default_factory=set)  # worker: task ids in flight
     tasks_done: int = 0
     recent: deque[tuple[float, int]] = field(default_factory=deque)  # worker: (time, samples)
@@ -191,6 +192,7 @@ class DispatcherState:
         """``worker`` announced ``slots`` more free slots (never more than it may hold)."""
         room = self.limits.worker_slots - len(worker.tasks)
         worker.free = max(0, min(worker.free + slots, room))
+        worker.warming = False
 
     def result(self, worker: Peer, message: protocol.Message, now: float) -> ResultOutcome:
         """A worker's ``result``; it also gives back the slot its task used."""
@@ -375,8 +377,9 @@ def _worker_stats(worker: Peer, now: float) -> WorkerStats:
     recent = [(t, n) for t, n in worker.recent if t >= now - RATE_WINDOW]
     span = min(RATE_WINDOW, now - recent[0][0]) if recent else 0.0
     rate = sum(n for _, n in recent) / span if span > 0 else 0.0
-    return WorkerStats(worker.name, worker.tasks_done, round(rate, 1), len(worker.tasks),
-                       worker.free, round(now - worker.last_seen, 3))
+    return WorkerStats(worker.name, "warming" if worker.warming else "ready", worker.tasks_done,
+                       round(rate, 1), len(worker.tasks), worker.free,
+                       round(now - worker.last_seen, 3))
 
 
 def _stream_stats(stream: Stream, now: float) -> StreamStats:

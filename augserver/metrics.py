@@ -46,6 +46,9 @@ def render(stats: DispatcherStats) -> str:
     lines += _family("uptime_seconds", "gauge", "Seconds since the dispatcher started.",
                      [({}, float(stats.uptime_s))])
     lines += _family("workers", "gauge", "Workers connected.", [({}, len(workers))])
+    lines += _family("workers_warming", "gauge",
+                     "Workers connected that are still loading their kernels (no task yet).",
+                     [({}, sum(w.state == "warming" for w in workers))])
     lines += _family("worker_samples_per_second", "gauge",
                      "Samples a worker made per second over the recent window.",
                      [({"worker": w.name}, float(w.samples_per_s)) for w in workers])

@@ -45,7 +45,11 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Counters)}
 
 @dataclass
 class WorkerStats:
+    """One worker: ``state`` is ``warming`` until it asked for tasks (its kernels are loaded),
+    then ``ready``."""
+
     name: str
+    state: str
     tasks_done: int
     samples_per_s: float
     in_flight: int

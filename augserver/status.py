@@ -53,12 +53,14 @@ def format_status(stats: DispatcherStats) -> str:
         "",
     ]
     workers = stats.workers
-    lines.append(f"workers: {len(workers)}")
+    warming = sum(w.state == "warming" for w in workers)
+    lines.append(f"workers: {len(workers)}" + (f" ({warming} warming up)" if warming else ""))
     if workers:
         lines += render_table(
-            ["name", "tasks_done", "samples/s", "in_flight", "free_slots", "last_seen_s"],
-            [[w.name, w.tasks_done, f"{w.samples_per_s:.1f}", w.in_flight, w.free_slots,
-              f"{w.last_seen_s_ago:.1f}"] for w in workers],
+            ["name", "state", "tasks_done", "samples/s", "in_flight", "free_slots",
+             "last_seen_s"],
+            [[w.name, w.state, w.tasks_done, f"{w.samples_per_s:.1f}", w.in_flight,
+              w.free_slots, f"{w.last_seen_s_ago:.1f}"] for w in workers],
         )
     streams = stats.streams
     lines += ["", f"clients: {len(stats.clients)}  streams: {len(streams)}"]

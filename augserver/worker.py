@@ -14,6 +14,9 @@ Liveness, in both directions:
   ``2 * heartbeat_interval * heartbeat_misses`` seconds, or receives ``reset``, closes its
   socket and says ``hello`` again on a fresh one, so a restarted dispatcher gets its workers
   back.
+- Warm-up: the worker loads the compiled kernels (:mod:`augserver.kernels_cache`) on a thread
+  while it connects and heartbeats, and says ``ready`` (asks for tasks) only once they are
+  loaded; until then the dispatcher shows it as warming up and gives it no task.
 - ``refused`` (a version mismatch), a config the worker cannot use or a dataset it cannot open
   are final: :func:`run_worker` logs the reason and returns :data:`EXIT_FATAL`.
 """
@@ -34,11 +37,12 @@ import numpy as np
 import zmq
 
 from augserver import protocol, session
-from augserver.augmix import AugMixConfig, augmix_views, sample_rng
+from augserver.augmix import augmix_views, sample_rng
 from augserver.batch import INDICES_DTYPE
 from augserver.config import JobConfig, Limits, config_from_dict
 from augserver.datasets import Dataset, open_dataset
 from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTimeout
+from augserver.kernels_cache import KernelLoad, load_kernels
 from augserver.preprocessing import preprocess
 from augserver.security import ClientKeys
 
@@ -142,16 +146,35 @@ def _fill_sample(job: Job, epoch: int, index: int, slot: np.ndarray) -> None:
         augmix_views(image, rng, config.augmix, 1, out=slot)
 
 
-def warm_up() -> None:
-    """Load the compiled kernels (numba's cache) before the first task, so that the first
-    sample is not slow enough to miss heartbeats (about 0.4 s here)."""
-    rng = sample_rng(0, 0, 0)
-    config = AugMixConfig(severity=10, all_ops=True)
-    for name, side in (("cifar", 32), ("imagenet", 64)):
-        image = preprocess(name, np.zeros((side, side, 3), np.uint8), rng)
-        augmix_views(image, rng, config, 2)
-        batch = np.empty((3, 2, *image.shape), np.uint8)  # a strided slot, as make_batch fills
-        augmix_views(image, rng, config, 2, out=batch[1:, 0])
+class KernelLoader:
+    """Loads the compiled kernels on a thread of their own, so that a worker whose cache is
+    cold keeps heartbeating while numba compiles; :meth:`done` raises :class:`Fatal` if the
+    kernels cannot be loaded."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.result: KernelLoad | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._load, name="augserver-kernels", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.result = load_kernels()
+            level = logging.WARNING if self.result.problems else logging.INFO
+            log.log(level, "worker %s: %s", self.name, self.result.describe())
+        except BaseException as exc:  # reported by done(), in the worker's own thread
+            self.error = exc
+
+    def done(self) -> bool:
+        """Whether the kernels are loaded (never before the thread finished)."""
+        if self.thread.is_alive():
+            return False
+        if self.error is not None:
+            raise Fatal(f"cannot load the AugMix kernels: {self.error}")
+        return self.result is not None
 
 
 class Worker:
@@ -170,12 +193,14 @@ class Worker:
         self.tasks: deque[protocol.Message] = deque()
         self.last_heard = self.last_beat = self.last_tick = time.monotonic()
         self.busy_tick = _BUSY_TICK
+        self.kernels = KernelLoader(name)
+        self.ready_sent = False  # on this connection
 
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
         """Serve until ``stop`` is set (0) or a fatal condition (:data:`EXIT_FATAL`)."""
-        warm_up()
+        self.kernels.start()  # while it connects; no task is asked for before they are loaded
         try:
             while not self.stop.is_set():
                 try:
@@ -197,6 +222,7 @@ class Worker:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.tasks.clear()
+        self.ready_sent = False
         self.sock = session.dealer(self.context, self.connect, self.keys, immediate=True,
                                    reconnect_ms=(100, 2000))
         return self.sock
@@ -241,7 +267,16 @@ class Worker:
         self.busy_tick = busy_tick(self.job.config.limits)
         log.info("worker %s: welcomed by %s", self.name, self.connect)
         self.last_heard = self.last_beat = time.monotonic()
+        self._ready_when_loaded()
+
+    def _ready_when_loaded(self) -> None:
+        """Ask for tasks (``ready``) once the kernels are loaded: until then the dispatcher
+        shows this worker as warming up and gives it nothing."""
+        assert self.job is not None
+        if self.ready_sent or not self.kernels.done():
+            return
         self._send(protocol.encode("ready", slots=self.job.config.limits.worker_slots))
+        self.ready_sent = True
 
     # ------------------------------------------------------------------ serving
 
@@ -276,6 +311,7 @@ class Worker:
         while message is not None:
             self._handle(message)
             message = self._receive(0)
+        self._ready_when_loaded()
         silence = time.monotonic() - self.last_heard
         if silence > 2 * limits.heartbeat_timeout:
             raise Reconnect(f"dispatcher {self.connect} silent for {silence:.1f} s")

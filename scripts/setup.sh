@@ -12,3 +12,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[client,test,plot]"
+# Compile the AugMix kernels into numba's cache now, so that the first run does not.
+.venv/bin/augserver warm-up

@@ -97,6 +97,7 @@ def run_study(
             "epochs": epochs,
             "seconds": trained.seconds,
             "samples_per_second": trained.samples_per_second,
+            "first_batch_seconds": trained.first_batch_seconds,
             "final_loss": trained.final_loss,
             "data_wait": trained.data_wait,
         }

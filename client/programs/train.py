@@ -203,13 +203,19 @@ class TrainResult:
     """The epoch the loader was in at the end."""
     samples: int = 0
     seconds: float = 0.0
+    """Wall time of the whole call."""
+    first_batch_seconds: float = 0.0
+    """Time until the first batch arrived: start-up and warm-up (dispatcher, workers, kernels),
+    kept apart from the steady-state figures."""
     data_wait: float = 0.0
-    """Share of the step time spent blocked in ``next(loader)``."""
+    """Share of the step time spent blocked in ``next(loader)``, from the first batch on."""
     losses: list[float] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
+        """Samples per second from the first batch on."""
+        steady = self.seconds - self.first_batch_seconds
+        return self.samples / steady if steady > 0 else 0.0
 
     @property
     def final_loss(self) -> float:
@@ -219,7 +225,9 @@ class TrainResult:
 
 
 class _Meter:
-    """Step timing and loss over a recent window, and totals for the summary."""
+    """Step timing and loss over a recent window, and totals for the summary. The wait for the
+    run's first batch (start-up and warm-up) is kept apart in :attr:`first_batch`, so that
+    samples/s and data-wait describe the steady state."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
@@ -227,8 +235,12 @@ class _Meter:
         self.losses: list[torch.Tensor] = []
         self.wait = self.time = 0.0
         self.samples = 0
+        self.first_batch: float | None = None
 
     def add(self, wait: float, total: float, n: int, loss: torch.Tensor) -> None:
+        if self.first_batch is None:
+            self.first_batch = wait
+            wait, total = 0.0, total - wait
         self.window.append((wait, total, n * self.world_size))
         self.losses.append(loss.detach())
         self.wait += wait
@@ -499,12 +511,14 @@ def train(
     result = TrainResult(
         steps=run.step - first_step, last_step=run.step, epoch=loader.epoch,
         samples=meter.samples, seconds=time.perf_counter() - start, losses=meter.loss_values(),
+        first_batch_seconds=meter.first_batch or 0.0,
         data_wait=meter.wait / meter.time if meter.time > 0 else 0.0,
     )
     if show:
-        print(f"done: {result.steps} steps ({result.last_step} in all) in {result.seconds:.1f} s, "
-              f"{result.samples_per_second:.1f} samples/s, final loss {result.final_loss:.4f}, "
-              f"mean data-wait {result.data_wait:.0%}", flush=True)
+        print(f"done: {result.steps} steps ({result.last_step} in all) in {result.seconds:.1f} s: "
+              f"first batch after {result.first_batch_seconds:.2f} s (start-up and warm-up), "
+              f"then {result.samples_per_second:.1f} samples/s, mean data-wait "
+              f"{result.data_wait:.0%}; final loss {result.final_loss:.4f}", flush=True)
     return result
 
 

@@ -279,3 +279,16 @@ def test_a_worker_never_holds_more_than_its_slots(slots: int) -> None:
     state.ready(w, slots)
     assert len(state.schedule()) == 2 and w.free == 0
     check_invariants(state)
+
+
+def test_a_worker_is_warming_and_gets_nothing_until_it_says_ready() -> None:
+    state = DispatcherState(config(), N)
+    worker = state.join(b"w", "worker", "w", 0.0)
+    client = state.join(b"c", "client", "c", 0.0)
+    state.open(client, open_fields(credits=4), 0.0)
+    assert worker.warming and state.schedule() == []
+    assert [w.state for w in state.stats(0.0, uptime=0, address="a", summary={}).workers] == [
+        "warming"]
+    state.ready(worker, 2)
+    assert not worker.warming and len(state.schedule()) == 2
+    assert state.stats(0.0, uptime=0, address="a", summary={}).workers[0].state == "ready"

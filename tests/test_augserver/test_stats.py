@@ -12,6 +12,7 @@ from augserver.config import ConfigError, load_config
 from augserver.metrics import escape, render
 from augserver.scaling import WAIT_THRESHOLD, StreamMeter, estimate
 from augserver.stats import DispatcherStats, StreamStats
+from augserver.status import format_status
 from tests.service_helpers import make_npz, parse_exposition, write_config
 
 pytestmark = pytest.mark.unit
@@ -25,10 +26,12 @@ def hand_made_stats() -> DispatcherStats:
         "uptime_s": 12.5, "address": "tcp://127.0.0.1:5555", "dataset_len": 48,
         "config": {"dataset": "npz:/d.npz"},
         "workers": [
-            {"name": 'host"a\\b\nc:1', "samples_per_s": 20.0, "tasks_done": 5, "in_flight": 1,
-             "free_slots": 1, "last_seen_s_ago": 0.1},
-            {"name": "host-b:2", "samples_per_s": 20.0, "tasks_done": 5, "in_flight": 1,
-             "free_slots": 1, "last_seen_s_ago": 0.1},
+            {"name": 'host"a\\b\nc:1', "state": "ready", "samples_per_s": 20.0,
+             "tasks_done": 5, "in_flight": 1, "free_slots": 1, "last_seen_s_ago": 0.1},
+            {"name": "host-b:2", "state": "ready", "samples_per_s": 20.0, "tasks_done": 5,
+             "in_flight": 1, "free_slots": 1, "last_seen_s_ago": 0.1},
+            {"name": "host-c:3", "state": "warming", "samples_per_s": 0.0, "tasks_done": 0,
+             "in_flight": 0, "free_slots": 0, "last_seen_s_ago": 0.1},
         ],
         "clients": [{"name": "trainer", "last_seen_s_ago": 0.2, "streams": [stream]}],
         "scaling": dataclasses.asdict(estimate([20.0, 20.0], [StreamStats(**stream)])),
@@ -50,7 +53,8 @@ def test_render_types_values_and_escaping() -> None:
                  "handler_errors"):
         assert types[f"augserver_{name}_total"] == "counter"
     assert values[("augserver_handler_errors_total", "")] == 5
-    assert values[("augserver_workers", "")] == 2
+    assert values[("augserver_workers", "")] == 3
+    assert values[("augserver_workers_warming", "")] == 1
     assert values[("augserver_tasks_reissued_total", "")] == 3
     assert values[("augserver_malformed_messages_total", "")] == 4
     escaped = '{worker="host\\"a\\\\b\\nc:1"}'
@@ -114,3 +118,10 @@ def test_workers_needed_formula() -> None:
     assert estimate([50.0, 0.0], [starved]).workers_needed == 4  # idle ones do not count
     assert estimate([], [consuming(0.0, 1.0)]).workers_needed == 1
     assert estimate([10.0], []).workers_needed == 1
+
+
+def test_status_shows_warming_workers() -> None:
+    text = format_status(hand_made_stats())
+    assert "workers: 3 (1 warming up)" in text
+    [row] = [line for line in text.splitlines() if "host-c:3" in line]
+    assert row.split()[1] == "warming"

@@ -18,5 +18,6 @@ def test_quickstart_trains_through_the_service_and_stops_everything(capsys):
     assert "batches/epoch of 32" in out
     rates = [float(r) for r in re.findall(r"([\d.]+) samples/s", out)]
     assert len(rates) == 3 and all(r > 0 for r in rates)  # steps 10 and 12, and the summary
-    assert re.search(r"done: 12 steps .* final loss [\d.]+, mean data-wait \d+%", out)
+    assert re.search(r"done: 12 steps .* first batch after [\d.]+ s \(start-up and warm-up\), "
+                     r"then [\d.]+ samples/s, mean data-wait \d+%; final loss [\d.]+", out)
     assert re.search(r"loss [\d.]+ -> [\d.]+ over 12 steps", out)

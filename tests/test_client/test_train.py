@@ -298,3 +298,16 @@ def test_small_npz_images_get_cifar_preprocessing(tmp_path: Path, capsys: Any) -
     assert _small_image_preprocess("imagefolder", str(small)) is None
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     assert _small_image_preprocess("npz", str(tmp_path / "broken.npz")) is None
+
+
+def test_the_wait_for_the_first_batch_is_kept_apart_from_the_steady_state() -> None:
+    from client.programs.train import TrainResult, _Meter
+
+    meter = _Meter(world_size=1)
+    meter.add(2.0, 2.1, 8, torch.tensor(1.0))  # 2 s of start-up before the first batch
+    meter.add(0.05, 0.1, 8, torch.tensor(1.0))
+    assert meter.first_batch == 2.0
+    assert (meter.wait, round(meter.time, 6)) == (0.05, 0.2)
+    assert meter.stats()["data-wait"] == "25%" and meter.stats()["samples/s"] == "80.0"
+    result = TrainResult(samples=16, seconds=2.2, first_batch_seconds=2.0)
+    assert round(result.samples_per_second) == 80

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from augserver.metrics import MetricsServer
     from augserver.security import ClientKeys
 
+from augserver.addresses import connect_address
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -290,7 +292,8 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
                             "(sets security.allow_dir)")
     serve.set_defaults(run=_serve)
     worker = commands.add_parser("worker", help="run worker processes for a dispatcher")
-    worker.add_argument("--connect", required=True, help="dispatcher address, tcp://HOST:PORT")
+    worker.add_argument("--connect", required=True, type=connect_address,
+                        help="dispatcher address, tcp://HOST:PORT")
     worker.add_argument("--procs", type=positive_int, default=1, help="worker processes")
     worker.set_defaults(run=_worker)
     keys = commands.add_parser("keys", help="generate a CURVE key pair")
@@ -299,7 +302,8 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
                       help="file name stem: NAME.key (public), NAME.key_secret (secret)")
     keys.set_defaults(run=_keys)
     status = commands.add_parser("status", help="show a dispatcher's workers and streams")
-    status.add_argument("--connect", required=True, help="dispatcher address, tcp://HOST:PORT")
+    status.add_argument("--connect", required=True, type=connect_address,
+                        help="dispatcher address, tcp://HOST:PORT")
     status.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     status.set_defaults(run=_status)

@@ -54,7 +54,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, NoReturn
@@ -62,7 +61,7 @@ from typing import Any, NoReturn
 import yaml
 
 from augserver import preprocessing
-from augserver.addresses import parse_host_port
+from augserver.addresses import check_endpoint, parse_host_port
 from augserver.augmix_config import AugMixConfig
 from augserver.batch import BatchLayout
 from augserver.datasets import FORMATS
@@ -72,7 +71,6 @@ ERROR_POLICIES = ("skip", "fail")
 AUGMENT = ("augmix", "none")
 DEFAULT_BIND = "tcp://0.0.0.0:5555"
 _MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
-_BIND = re.compile(r"tcp://\S+:\S+|(ipc|inproc)://\S+")
 
 
 @dataclass(frozen=True)
@@ -368,8 +366,10 @@ def config_from_dict(
     preprocess = r.choice(data, "preprocess", preprocessing.NAMES, default_pre)
     limits = r.section(data.get("limits"), "limits")
     bind = data.get("bind", _DEFAULTS["bind"])
-    if not isinstance(bind, str) or not _BIND.fullmatch(bind):
-        r.fail("bind", f"must be a ZeroMQ address like tcp://0.0.0.0:5555, got {bind!r}")
+    try:
+        check_endpoint(bind, bind=True)
+    except ValueError as exc:
+        r.fail("bind", str(exc))
     augment = r.choice(data, "augment", AUGMENT)
     jsd = r.flag(data, "jsd") if augment == "augmix" or "jsd" in data else False
     if jsd and augment == "none":

@@ -25,6 +25,7 @@ import torch
 import zmq
 
 from augserver import protocol, session
+from augserver.addresses import check_endpoint
 from augserver.config import JobConfig, config_from_dict
 from augserver.errors import RemoteError
 from augserver.plan import ShardPlan, from_ranges, to_ranges
@@ -112,6 +113,7 @@ class RemoteAugMixLoader:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 ({world_size})")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        check_endpoint(address, bind=False)
         self.address = address
         self.rank = rank
         self.world_size = world_size

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from augserver import preprocessing
+from augserver.addresses import connect_address
 from augserver.cli import positive_int
 from augserver.config import ConfigError, JobConfig
 from augserver.datasets import FORMATS
@@ -584,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = p.add_argument_group("data").add_mutually_exclusive_group(required=True)
-    source.add_argument("--connect", metavar="tcp://HOST:PORT", help="a running dispatcher")
+    source.add_argument("--connect", metavar="tcp://HOST:PORT", type=connect_address,
+                        help="a running dispatcher")
     source.add_argument("--dataset", type=_dataset_arg, metavar="FORMAT:PATH",
                         help=f"start a local dispatcher on this dataset ({', '.join(FORMATS)})")
     local = p.add_argument_group("local dispatcher (with --dataset)")

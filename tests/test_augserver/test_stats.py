@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from augserver.addresses import local_address, parse_host_port
+from augserver.addresses import check_endpoint, local_address, parse_host_port
 from augserver.config import ConfigError, load_config
 from augserver.metrics import escape, render
 from augserver.scaling import WAIT_THRESHOLD, StreamMeter, estimate
 from augserver.stats import DispatcherStats, StreamStats
 from augserver.status import format_status
+from client.loader import RemoteAugMixLoader
 from tests.service_helpers import make_npz, parse_exposition, write_config
 
 pytestmark = pytest.mark.unit
@@ -125,3 +128,37 @@ def test_status_shows_warming_workers() -> None:
     assert "workers: 3 (1 warming up)" in text
     [row] = [line for line in text.splitlines() if "host-c:3" in line]
     assert row.split()[1] == "warming"
+
+
+@pytest.mark.parametrize(("address", "bind", "problem"), [
+    ("tcp://127.0.0.1:99999", True, "port 99999 is not in 0 (any free port), * or 1..65535"),
+    ("tcp://127.0.0.1:-5", True, "must be a ZeroMQ address"),
+    ("tcp://127.0.0.1:0", False, "port 0 is not in 1..65535"),
+    ("tcp://host:*", False, "cannot be *"),
+    ("127.0.0.1:5555", False, "the tcp:// is missing"),
+    ("localhost", True, "must be a ZeroMQ address"),
+])
+def test_endpoints_are_checked_with_the_reason(address: str, bind: bool, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        check_endpoint(address, bind=bind)
+
+
+def test_good_endpoints_pass() -> None:
+    for address in ("tcp://*:5555", "tcp://[::1]:7000", "tcp://h:*", "tcp://127.0.0.1:0",
+                    "ipc:///tmp/a", "inproc://x"):
+        assert check_endpoint(address, bind=True) == address
+    assert check_endpoint("tcp://[::1]:65535", bind=False) == "tcp://[::1]:65535"
+
+
+def test_bad_ports_in_the_job_and_on_the_command_line_name_the_key(tmp_path: Path,
+                                                                    capsys: Any) -> None:
+    from augserver.cli import main
+
+    data = make_npz(tmp_path, 4)
+    with pytest.raises(ConfigError, match=r"bind: .*port 99999"):
+        load_config(write_config(tmp_path, data, bind="tcp://127.0.0.1:99999"))
+    with pytest.raises(SystemExit):
+        main(["status", "--connect", "127.0.0.1:5555"])
+    assert "the tcp:// is missing" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="port 0"):
+        RemoteAugMixLoader("tcp://127.0.0.1:0")

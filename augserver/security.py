@@ -39,6 +39,9 @@ def _certificate(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
         raise KeyFileError(f"cannot load CURVE key file {os.fspath(path)}: {exc}") from None
     if public is None:
         raise KeyFileError(f"{os.fspath(path)} holds no CURVE public key")
+    if len(public) != 40 or (secret is not None and len(secret) != 40):
+        raise KeyFileError(f"{os.fspath(path)}: a CURVE key is 40 characters of Z85 text, "
+                           f"this file's is {len(public)}")
     return public, secret
 
 
@@ -90,13 +93,13 @@ def start_server(
     """Make ``sock`` (not yet bound) a CURVE server admitting only the keys in ``allow_dir``
     and its own; returns the started authenticator, to :meth:`~ThreadAuthenticator.stop`."""
     public, secret = key_pair(server_key)
-    if not os.path.isdir(allow_dir):
-        raise KeyFileError(f"CURVE allow-list {os.fspath(allow_dir)} is not a directory")
+    allowed = allowed_keys(allow_dir)
     auth = ThreadAuthenticator(context)
     auth.start()
     try:
+        # pyzmq logs and skips a folder it cannot read; the keys are checked here first
         auth.configure_curve(domain="*", location=os.fspath(allow_dir))
-        auth.certs["*"][public] = True  # the dispatcher's own key: local workers, status
+        auth.certs["*"] = {**dict.fromkeys(allowed, True), public: True}  # and our own key
     except Exception:
         auth.stop()
         raise
@@ -104,6 +107,16 @@ def start_server(
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     return auth
+
+
+def allowed_keys(allow_dir: str | os.PathLike[str]) -> list[bytes]:
+    """The public keys of every ``*.key`` file in the allow-list folder; :class:`KeyFileError`
+    naming the first file that is not a CURVE key file (a stray or truncated file would
+    otherwise silently empty the allow-list)."""
+    folder = Path(allow_dir)
+    if not folder.is_dir():
+        raise KeyFileError(f"CURVE allow-list {os.fspath(allow_dir)} is not a directory")
+    return [public_key(path) for path in sorted(folder.glob("*.key"))]
 
 
 def create_keys(out: str | os.PathLike[str], name: str) -> tuple[Path, Path]:

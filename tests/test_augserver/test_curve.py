@@ -17,7 +17,7 @@ import zmq.auth
 from augserver import worker as worker_module
 from augserver.cli import main
 from augserver.config import ConfigError, load_config
-from augserver.security import ClientKeys, create_keys
+from augserver.security import ClientKeys, allowed_keys, create_keys
 from augserver.status import StatusError, request_status
 from augserver.worker import run_worker
 from client import RemoteAugMixLoader
@@ -236,3 +236,18 @@ def test_half_a_key_pair_is_an_error(keys: dict[str, Any]) -> None:
     public, secret = zmq.curve_keypair()
     pair = ClientKeys.load(secret, zmq.curve_keypair()[0])  # Z85 bytes instead of files
     assert pair is not None and pair.public == public
+
+
+@pytest.mark.parametrize("content", ["garbage\nnot a key\n",
+                                     'metadata\ncurve\n    public-key = "short"\n'])
+def test_a_malformed_key_in_the_allow_list_is_an_error_naming_the_file(
+    tmp_path: Path, keys: dict[str, Any], capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    bad = keys["allow"] / "intruder.key"
+    bad.write_text(content)
+    path = curve_config(tmp_path, keys)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+    bad.unlink()  # the other keys are still admitted
+    assert len(allowed_keys(keys["allow"])) == 2

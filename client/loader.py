@@ -130,7 +130,7 @@ class RemoteAugMixLoader:
         self._std_override = std
         self._consumed: set[int] = set()
         self._consumed_epoch: int | None = None
-        self._resumed = False
+        self._chosen = False  # set_epoch since the last iteration began
         self._job: JobConfig | None = None
         self._dataset_len: int | None = None
         self._classes: list[str] = []
@@ -140,8 +140,10 @@ class RemoteAugMixLoader:
     # ------------------------------------------------------------------ public API
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration streams (its own seeded order)."""
+        """Select the epoch the next iteration streams (its own seeded order). Without it, an
+        iteration that follows a completed epoch streams the next one."""
         self.epoch = epoch
+        self._chosen = True
 
     def __len__(self) -> int:
         """Batches this rank gets per epoch (the same on every rank)."""
@@ -189,18 +191,22 @@ class RemoteAugMixLoader:
         self.epoch = int(state["epoch"])
         self._consumed = from_ranges(state["consumed"])
         self._consumed_epoch = self.epoch
-        self._resumed = True
 
     def __iter__(self) -> Iterator[AugMixBatch]:
-        plan = self._plan()
-        resumed, self._resumed = self._resumed, False
+        """The batches of the current epoch not consumed yet. After a completed epoch (also one
+        resumed at its very end) the next iteration is the next epoch, as plain ``for epoch in
+        ...: for batch in loader`` loops and Lightning expect, unless :meth:`set_epoch` chose
+        an epoch since; an epoch chosen that way and already consumed yields nothing."""
+        chosen, self._chosen = self._chosen, False
         if self._consumed_epoch != self.epoch:
             self._consumed = set()
             self._consumed_epoch = self.epoch
-        if len(self._consumed) >= plan.num_batches:
-            if resumed:
-                return  # resumed exactly at the end of the epoch: nothing left to replay
-            self._consumed = set()  # a new pass over the same epoch
+        if len(self._consumed) >= self._plan().num_batches:
+            if chosen:
+                return  # set_epoch picked an epoch this loader has consumed (a resumed trainer)
+            self.epoch += 1
+            self._consumed, self._consumed_epoch = set(), self.epoch
+        plan = self._plan()
         stream = _Stream(self, plan.num_batches)
         try:
             yield from self._batches(stream, plan.num_batches - len(self._consumed))

@@ -246,15 +246,41 @@ def test_resume_at_start_middle_and_end_of_epoch(tmp_path, procs):
     assert len(tail) == 4
     assert sorted(indices(head) + indices(tail)) == sorted(full)
 
-    # exactly at the epoch end: nothing is replayed, the next epoch starts normally
+    # exactly at the epoch end: nothing is replayed, the next iteration is the next epoch
     loader = RemoteAugMixLoader(address, epoch=3, timeout=60)
     collect(loader)
     state = loader.state_dict()
     resumed = RemoteAugMixLoader(address, timeout=60)
     resumed.load_state_dict(state)
+    following = collect(resumed)
+    assert resumed.epoch == 4 and len(following) == 6
+    assert sorted(indices(following)) == sorted(ShardPlan(0, 4, N, 0, 1, 8).indices.tolist())
+    # a trainer that resumes there and sets the epoch it saved gets nothing of it again
+    resumed = RemoteAugMixLoader(address, timeout=60)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)
     assert collect(resumed) == []
     resumed.set_epoch(4)
     assert len(collect(resumed)) == 6
+
+
+def test_a_plain_loop_without_set_epoch_moves_to_the_next_epoch(tmp_path, procs):
+    """``for epoch in range(E): for batch in loader`` (and Lightning's fit loop) never call
+    set_epoch: each completed pass is followed by the next epoch, not a replay of epoch 0."""
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    loader = RemoteAugMixLoader(address, ordered=True, timeout=60)
+    seen = []
+    for _epoch in range(3):
+        seen.append(indices(collect(loader)))
+    assert loader.epoch == 2
+    for epoch, got in enumerate(seen):
+        assert got == ShardPlan(0, epoch, N, 0, 1, 8).indices.tolist()
+    # a pass broken off mid-epoch continues that epoch, then the next one follows
+    head = indices(collect(loader, stop_after=2))
+    tail = indices(collect(loader))
+    assert loader.epoch == 3 and head + tail == ShardPlan(0, 3, N, 0, 1, 8).indices.tolist()
+    assert len(collect(loader)) == 6 and loader.epoch == 4
 
 
 def test_ordered_resume_continues_the_same_stream(tmp_path, procs):

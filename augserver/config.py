@@ -23,7 +23,8 @@ The full file, every key at its default (only ``dataset`` is required)::
     seed: 0                   # >= 0; the epoch order and every sample's draws derive from it
     drop_last: false          # drop a rank's last partial batch instead of padding it
     error_policy: skip        # a sample that cannot be read or decoded: skip (report, count,
-                              # go on) | fail (end the stream with the error)
+                              # and put the next readable sample in its place, so batches keep
+                              # their size) | fail (end the stream with the error)
     bind: tcp://0.0.0.0:5555  # the address the dispatcher binds (tcp://, ipc:// or inproc://)
     workers: 0                # local worker processes the dispatcher starts and supervises
     limits:

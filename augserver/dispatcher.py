@@ -67,11 +67,11 @@ class Dispatcher:
         self.config = config
         self.limits = config.limits
         dataset = _open_job_dataset(config)
-        self.state = DispatcherState(config, len(dataset))
+        classes = class_names(dataset)
+        self.state = DispatcherState(config, len(dataset), len(classes))
         self.versions = protocol.pixel_versions()
         self.welcome = protocol.encode(
-            "welcome", config=config.to_dict(), dataset_len=len(dataset),
-            classes=class_names(dataset),
+            "welcome", config=config.to_dict(), dataset_len=len(dataset), classes=classes,
         )
         self.started = time.monotonic()
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()

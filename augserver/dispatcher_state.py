@@ -140,12 +140,14 @@ class OpenOutcome:
 
 
 class DispatcherState:
-    """Peers, streams and tasks of one job over a dataset of ``dataset_len`` samples."""
+    """Peers, streams and tasks of one job over a dataset of ``dataset_len`` samples in
+    ``num_classes`` classes (labels outside them are refused)."""
 
-    def __init__(self, config: JobConfig, dataset_len: int) -> None:
+    def __init__(self, config: JobConfig, dataset_len: int, num_classes: int) -> None:
         self.config = config
         self.limits = config.limits
         self.dataset_len = dataset_len
+        self.num_classes = num_classes
         self.layout = config.layout
         self.batch_bytes = self.layout.message_bytes(config.batch_size)
         self.cap = max(1, self.limits.max_prefetch_bytes // self.batch_bytes)
@@ -219,11 +221,9 @@ class DispatcherState:
         failed = message["failed"]
         samples = message.specs[2][1][0]
         self._record(worker, failed, samples, now)
-        if failed and self.config.error_policy == "fail":
+        if failed and (self.config.error_policy == "fail" or samples < len(task.batch)):
             self.drop_stream(stream)
-            index, path, error = failed[0]
-            return ResultOutcome(FAILED, task, f"sample {index} ({path}) cannot be used and "
-                                               f"error_policy is fail: {error}")
+            return ResultOutcome(FAILED, task, self._failure_message(task, message))
         stream.credits -= 1
         stream.meter.delivered(now, samples, stream.credits)
         stream.delivered.add(task.position)
@@ -233,15 +233,36 @@ class DispatcherState:
             self.drop_stream(stream)
         return ResultOutcome(RELAY, task, end=end)
 
+    def _failure_message(self, task: Task, message: protocol.Message) -> str:
+        """The stream's error for a result with failed samples that cannot be delivered."""
+        failed = message["failed"]
+        if self.config.error_policy == "fail":
+            index, path, error = failed[0]
+            return f"sample {index} ({path}) cannot be used and error_policy is fail: {error}"
+        missing = Counter(task.batch.tolist()) - Counter(message.arrays[2].tolist())
+        index, path, error = next(f for f in failed if f[0] in missing)
+        return (f"sample {index} ({path}) cannot be used and none of the samples after it can "
+                f"stand in for it (error_policy skip): {error}")
+
     def _check_result(self, task: Task, message: protocol.Message) -> str | None:
         """What is wrong with a result's arrays for ``task``, or None. The usual result (every
-        sample made) is recognised by its shapes and index bytes, without numpy."""
+        sample made) is recognised by its shapes and index bytes; then the labels must lie in
+        the dataset's classes. A failed sample may be replaced in its place by another (a
+        substitute) or be missing."""
         problem = self.layout.problem(message.specs)
-        if problem is not None or message.frames[2].bytes == task.batch.tobytes():
+        if problem is not None:
             return problem
-        made = message.arrays[2].tolist()
-        if Counter(made) + Counter(f[0] for f in message["failed"]) != Counter(task.batch.tolist()):
-            return "its indices and failures do not match the task's indices"
+        labels = message.arrays[1]
+        if len(labels) and not (labels.min() >= 0 and labels.max() < self.num_classes):
+            return (f"labels {labels.min()}..{labels.max()} are not all classes of this "
+                    f"dataset (0..{self.num_classes - 1})")
+        if message.frames[2].bytes == task.batch.tobytes():
+            return None
+        made, batch = Counter(message.arrays[2].tolist()), Counter(task.batch.tolist())
+        removed, added = batch - made, made - batch  # failed samples, their substitutes
+        if removed != Counter(f[0] for f in message["failed"]) or added.total() > removed.total() \
+                or not all(0 <= i < self.dataset_len for i in added):
+            return "its indices, failures and substitutes do not match the task's indices"
         return None
 
     def _record(self, worker: Peer, failed: list[list[Any]], samples: int, now: float) -> None:

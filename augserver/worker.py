@@ -90,9 +90,12 @@ def make_batch(
 ) -> tuple[list[np.ndarray], list[list[Any]]]:
     """The arrays of one task's result and its failures ``[[index, path, error], ...]``.
 
-    Arrays: views, labels and indices as :mod:`augserver.batch` lays them out, where ``n``
-    counts the samples that could be read. ``between`` runs before every sample
-    (heartbeats and incoming messages while busy).
+    Arrays: views, labels and indices as :mod:`augserver.batch` lays them out. A sample that
+    cannot be made is reported in the failures and, under ``error_policy: skip``, replaced in
+    its place by :func:`substitute`'s sample, so the batch keeps its size and every rank its
+    batch count; the indices array names the sample actually delivered. A sample with no
+    usable substitute is left out (the dispatcher then fails the stream). ``between`` runs
+    before every sample (heartbeats and incoming messages while busy).
     """
     config, dataset = job.config, job.dataset
     views = config.layout.empty_views(len(indices))
@@ -103,14 +106,42 @@ def make_batch(
         between()
         try:
             _fill_sample(job, epoch, index, views[:, n])
+            made: int | None = index
         except Exception as exc:  # reported with its path; never kills the worker
             failed.append(_failure(dataset, index, exc))
+            made = substitute(job, epoch, index, views[:, n], between)
+        if made is None:
             continue
-        done[n] = index
+        done[n] = made
         n += 1
     if n < len(indices):
         views, done = np.ascontiguousarray(views[:, :n]), done[:n]
     return [views, dataset.labels(done), done], failed
+
+
+SUBSTITUTE_TRIES = 16
+"""How many following samples :func:`substitute` tries."""
+
+
+def substitute(job: Job, epoch: int, index: int, slot: np.ndarray,
+               between: Callable[[], None] = lambda: None) -> int | None:
+    """Under ``error_policy: skip``, fill ``slot`` with the stand-in for sample ``index``,
+    which could not be made: the first of the next :data:`SUBSTITUTE_TRIES` samples in dataset
+    order (``index + 1``, ``index + 2``, ... wrapping around) that can be made, exactly as that
+    sample is made in this epoch. The choice depends on the dataset alone, so it is the same
+    for any worker and worker count. None when the policy is not skip or none can be made."""
+    if job.config.error_policy != "skip":
+        return None
+    n = len(job.dataset)
+    for k in range(1, min(SUBSTITUTE_TRIES, n - 1) + 1):
+        between()
+        candidate = (index + k) % n
+        try:
+            _fill_sample(job, epoch, candidate, slot)
+        except Exception:  # that one is reported when its own turn comes
+            continue
+        return candidate
+    return None
 
 
 def _failure(dataset: Dataset, index: int, exc: Exception) -> list[Any]:

@@ -486,7 +486,8 @@ class _Stream:
     def _on_batch(self, message: protocol.Message) -> None:
         position = message["position"]
         for index, path, error in message["failed"]:
-            log.warning("sample %d (%s) skipped by the server: %s", index, path, error)
+            log.warning("sample %d (%s) could not be used; a substitute stands in its place: %s",
+                        index, path, error)
         if position in self.received or position >= self.num_batches:
             return  # a duplicate after a reconnect: already delivered
         problem = self.loader.config.layout.problem(message.specs)

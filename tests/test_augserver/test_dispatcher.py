@@ -24,10 +24,12 @@ from PIL import Image
 
 from augserver import dispatcher_state as dispatcher_module
 from augserver import protocol
+from augserver.augmix import sample_rng
 from augserver.cli import main
 from augserver.config import Limits
 from augserver.datasets import open_dataset
 from augserver.plan import ShardPlan
+from augserver.preprocessing import preprocess
 from augserver.status import request_status
 from augserver.worker import EXIT_FATAL, Job, busy_tick, make_batch, run_worker
 from tests.service_helpers import (
@@ -341,16 +343,24 @@ def test_results_that_do_not_match_their_task_are_named_and_reissued(tmp_path: P
                        failed=[])
                 error = w.expect("error")
                 assert problem in error["message"] and "re-issued" in error["message"]
-            # the same indices in another order, or fewer with the rest reported failed: valid
+            # the same indices in another order, or a failed one replaced: valid
             task = w.expect("task")
             w.send("result", blank_result(task["indices"][::-1]), task=task["task"], failed=[])
             assert c.expect("batch")["position"] == 0
             task = w.expect("task")
-            w.send("result", blank_result(task["indices"][1:]), task=task["task"],
-                   failed=[[task["indices"][0], "x.png", "broken"]])
+            first, rest = task["indices"][0], task["indices"][1:]
+            w.send("result", blank_result([(first + 1) % 16, *rest]), task=task["task"],
+                   failed=[[first, "x.png", "broken"]])
             batch = c.expect("batch")
-            assert batch["failed"][0][0] == task["indices"][0]
-            assert batch.arrays[2].tolist() == task["indices"][1:]
+            assert batch["failed"][0][0] == first
+            assert batch.arrays[2].tolist() == [(first + 1) % 16, *rest]
+            # a failed one with no substitute: the stream fails, naming the sample
+            task = w.expect("task")
+            w.send("result", blank_result(task["indices"][1:]), task=task["task"],
+                   failed=[[task["indices"][0], "y.png", "broken"]])
+            error = c.expect("error")
+            assert error["fatal"] and "y.png" in error["message"]
+            assert "stand in" in error["message"]
         assert request_status(d.address).counters.tasks_reissued >= len(wrong)
 
 
@@ -392,13 +402,21 @@ def test_error_policy_skip_reports_the_corrupt_sample(tmp_path: Path) -> None:
         stats = request_status(d.address)
     assert got["errors"] == {}
     delivered = [i for b in got["s"] for i in b.indices.tolist()]
-    assert bad not in delivered and sorted(delivered) == sorted(set(range(13)) - {bad})
+    stand_in = bad + 1  # the next sample in dataset order (bad.png sorts first in its class)
+    assert bad not in delivered and len(delivered) == 13
+    assert sorted(delivered) == sorted([*(set(range(13)) - {bad}), stand_in])
     failed = [f for b in got["s"] for f in b.failed]
     assert len(failed) == 1 and failed[0][0] == bad and failed[0][1].endswith("bad.png")
-    for batch in got["s"]:
-        expected = [i for i in plan.batch(batch.position).tolist() if i != bad]
+    for batch in got["s"]:  # every batch full, the stand-in in the failed sample's place
+        expected = [stand_in if i == bad else i for i in plan.batch(batch.position).tolist()]
         assert batch.indices.tolist() == expected
         assert batch.views.shape[1] == len(expected) == len(batch.labels)
+        if bad in plan.batch(batch.position).tolist():  # its bytes: the stand-in's, this epoch
+            slot = expected.index(stand_in)
+            rng = sample_rng(config.seed, 0, stand_in)
+            source = open_dataset("imagefolder", str(root)).load(stand_in)
+            image = preprocess(config.preprocess, source, rng)
+            np.testing.assert_array_equal(batch.views[0, slot], image)
     assert stats.counters.samples_failed == 1
     assert stats.recent_failures[0].path.endswith("bad.png")
     assert stats.recent_failures[0].index == bad

@@ -54,7 +54,7 @@ def result(state: DispatcherState, task: Task, indices: list[int] | None = None,
 
 
 def setup(workers: int = 1, credits: int = 4, **keys: object):
-    state = DispatcherState(config(**keys), N)
+    state = DispatcherState(config(**keys), N, 10)
     ws = [state.join(f"w{i}".encode(), "worker", f"w{i}", 0.0) for i in range(workers)]
     for w in ws:
         state.ready(w, 2)
@@ -147,22 +147,45 @@ def test_a_result_that_does_not_match_its_task_is_rejected_and_reissued() -> Non
     check_invariants(state)
 
 
-def test_failed_samples_relay_under_skip_and_fail_the_stream_under_fail() -> None:
-    for policy, kind in (("skip", RELAY), ("fail", FAILED)):
+def test_failed_samples_relay_with_substitutes_under_skip_and_fail_the_stream_otherwise() -> None:
+    cases = [  # (policy, made in the failed sample's place, outcome, words of the error)
+        ("skip", "substitute", RELAY, None),
+        ("skip", "missing", FAILED, "stand in for it"),
+        ("fail", "substitute", FAILED, "error_policy is fail"),
+    ]
+    for policy, made, kind, words in cases:
         state, (w,), _, opened = setup(credits=1, error_policy=policy)
         [task] = state.schedule()
-        bad = int(task.batch[0])
-        outcome = state.result(w, result(state, task, indices=[int(task.batch[1])],
+        bad, good = (int(i) for i in task.batch)
+        indices = [(bad + 1) % N, good] if made == "substitute" else [good]
+        outcome = state.result(w, result(state, task, indices=indices,
                                          failed=[[bad, "x.png", "broken"]]), 1.0)
         assert outcome.kind == kind and state.counters.samples_failed == 1
         assert state.failures[-1].path == "x.png"
-        assert opened.stream.alive == (policy == "skip")
-        if policy == "fail":
-            assert "x.png" in outcome.problem and state.tasks == {}
+        assert opened.stream.alive == (kind == RELAY)
+        if words is not None:
+            assert "x.png" in outcome.problem and words in outcome.problem and state.tasks == {}
+
+
+def test_a_substitute_must_stand_where_a_failed_sample_was_and_labels_in_the_classes() -> None:
+    state, (w,), _, _ = setup(credits=4)
+    [task, *_] = state.schedule()
+    bad, good = (int(i) for i in task.batch)
+    swapped = result(state, task, indices=[(bad + 1) % N, good], failed=[])  # no failure named
+    assert state.result(w, swapped, 1.0).kind == REJECTED
+    [again, *_] = [t for t in state.schedule() if t.position == task.position]
+    outside = result(state, again, indices=[N + 5, good], failed=[[bad, "x", "e"]])
+    assert state.result(w, outside, 1.0).kind == REJECTED
+    [third] = [t for t in state.schedule() if t.position == task.position]
+    frames = protocol.encode("result", [np.zeros(state.layout.views_shape(2), np.uint8),
+                                        np.array([3, 10]), third.batch], task=third.id,
+                             failed=[])
+    outcome = state.result(w, protocol.decode([zmq.Frame(bytes(f)) for f in frames]), 1.0)
+    assert outcome.kind == REJECTED and "0..9" in outcome.problem  # 10 classes
 
 
 def test_credits_are_capped_in_bytes_and_late_grants_are_ignored() -> None:
-    state = DispatcherState(config(limits={"max_prefetch_bytes": 1}), N)
+    state = DispatcherState(config(limits={"max_prefetch_bytes": 1}), N, 10)
     client = state.join(b"c", "client", "c", 0.0)
     stream = state.open(client, open_fields(credits=1000), 0.0).stream
     assert stream.cap == 1 and stream.credits == 1
@@ -208,7 +231,7 @@ EVENTS = st.lists(
 def test_any_sequence_of_events_keeps_the_invariants_and_delivers_each_position_once(
     events: list[tuple[str, int]], credits: int, world_size: int
 ) -> None:
-    state = DispatcherState(config(), N)
+    state = DispatcherState(config(), N, 10)
     client = state.join(b"c", "client", "c", 0.0)
     streams = [state.open(client, open_fields(f"r{r}", credits, rank=r,
                                               world_size=world_size), 0.0).stream
@@ -282,7 +305,7 @@ def test_a_worker_never_holds_more_than_its_slots(slots: int) -> None:
 
 
 def test_a_worker_is_warming_and_gets_nothing_until_it_says_ready() -> None:
-    state = DispatcherState(config(), N)
+    state = DispatcherState(config(), N, 10)
     worker = state.join(b"w", "worker", "w", 0.0)
     client = state.join(b"c", "client", "c", 0.0)
     state.open(client, open_fields(credits=4), 0.0)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
+from augserver.datasets import open_dataset
 from augserver.plan import ShardPlan
 from augserver.preprocessing import preprocess
 from augserver.stats import DispatcherStats
@@ -370,9 +371,9 @@ def test_server_errors_surface_in_the_training_process(tmp_path, procs):
         collect(RemoteAugMixLoader(address, timeout=60))
 
 
-def test_two_ranks_under_torch_distributed(tmp_path, procs):
-    address = free_address()
-    procs.serve(job_config(tmp_path, N), address, workers=2)
+def run_two_ranks(address: str, tmp_path: Path) -> list[dict]:
+    """Two ranks of a real torch.distributed (gloo) job, each iterating one epoch of the loader
+    with an all-reduce per batch; their reports."""
     init = f"file://{tmp_path / 'dist-init'}"
     script = REPO / "tests" / "distributed_rank.py"
     ranks = [
@@ -384,10 +385,39 @@ def test_two_ranks_under_torch_distributed(tmp_path, procs):
     ]
     for proc in ranks:
         assert proc.wait(timeout=120) == 0
-    shards = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_under_torch_distributed(tmp_path, procs):
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    shards = run_two_ranks(address, tmp_path)
     assert shards[0]["batches"] == shards[1]["batches"] == shards[0]["len"]
     assert set(shards[0]["indices"]).isdisjoint(shards[1]["indices"])
     assert sorted(shards[0]["indices"] + shards[1]["indices"]) == list(range(N))
+
+
+def test_skipped_samples_keep_every_rank_at_full_batches_under_torch_distributed(
+    tmp_path, procs
+):
+    """error_policy skip with bad files and batch size 1: every rank still yields len(loader)
+    full batches (a stand-in in each bad sample's place), so the collectives stay in step."""
+    root = make_image_folder(tmp_path, per_class=12)  # b/bad.png among 25 files
+    for name in ("worse.png", "zzz.png"):
+        (root / "a" / name).write_bytes(b"not an image either")
+    config = _write_config(tmp_path, root, "imagefolder", batch_size=1, seed=0,
+                           error_policy="skip")
+    address = free_address()
+    procs.serve(config, address, workers=2)
+    shards = run_two_ranks(address, tmp_path)
+    assert shards[0]["len"] == shards[1]["len"] == 14  # 27 samples over 2 ranks, padded
+    for shard in shards:
+        assert shard["batches"] == shard["len"] and shard["sizes"] == [1] * shard["len"]
+    dataset = open_dataset("imagefolder", str(root))
+    bad = {i for i in range(len(dataset))
+           if Path(dataset.path(i)).name in ("bad.png", "worse.png", "zzz.png")}
+    delivered = shards[0]["indices"] + shards[1]["indices"]
+    assert len(bad) == 3 and not bad & set(delivered)
 
 
 def test_loader_arguments_are_checked():

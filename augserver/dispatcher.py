@@ -54,6 +54,8 @@ class Supervised(Protocol):
 
     def poll(self) -> None: ...
 
+    def problems(self) -> list[str]: ...
+
 
 class Dispatcher:
     """The dispatcher of one job; binds ``config.bind`` at construction.
@@ -74,6 +76,7 @@ class Dispatcher:
             "welcome", config=config.to_dict(), dataset_len=len(dataset), classes=classes,
         )
         self.started = time.monotonic()
+        self.supervisor: Supervised | None = None
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()
         self.context = zmq.Context()
         self.sock = self._bind(config.bind)
@@ -133,6 +136,7 @@ class Dispatcher:
     ) -> None:
         """Serve until ``stop`` is set; ``supervisor.poll()`` runs on every housekeeping pass."""
         stop = stop or threading.Event()
+        self.supervisor = supervisor
         period = min(0.1, self.limits.heartbeat_interval / 4)
         log.info("dispatcher on %s: %d samples, %d views of %dpx, batch %d", self.address,
                  self.state.dataset_len, self.config.views, self.config.image_size,
@@ -350,8 +354,11 @@ class Dispatcher:
     def stats(self) -> DispatcherStats:
         """Everything ``augserver status`` shows, now."""
         now = time.monotonic()
-        return self.state.stats(now, uptime=now - self.started, address=self.address,
-                                summary=self._summary())
+        stats = self.state.stats(now, uptime=now - self.started, address=self.address,
+                                 summary=self._summary())
+        if self.supervisor is not None:
+            stats.problems = self.supervisor.problems()
+        return stats
 
     def _summary(self) -> dict[str, Any]:
         c = self.config

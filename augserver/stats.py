@@ -119,6 +119,8 @@ class DispatcherStats:
     scaling: Scaling
     counters: Counters
     recent_failures: list[Failure]
+    problems: list[str] = field(default_factory=list)
+    """What needs a person: local workers that keep dying at start, with their reason."""
 
     @property
     def streams(self) -> list[tuple[str, StreamStats]]:

@@ -76,6 +76,8 @@ def format_status(stats: DispatcherStats) -> str:
     lines += ["", _scaling_line(stats.scaling)]
     counters = vars(stats.counters)
     lines += ["", "counters: " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()))]
+    if stats.problems:
+        lines += ["", "problems:", *(f"  {problem}" for problem in stats.problems)]
     failures = stats.recent_failures
     if failures:
         lines += ["", f"recent failed samples ({len(failures)}, newest last):"]

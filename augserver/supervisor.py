@@ -10,15 +10,22 @@ exits is logged with its exit status and started again, after a delay that doubl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
+import augserver
 from augserver.worker import EXIT_FATAL
 
 log = logging.getLogger("augserver.supervisor")
@@ -27,6 +34,8 @@ MIN_DELAY = 0.5
 MAX_DELAY = 30.0
 HEALTHY_AFTER = 10.0
 """A worker that ran this many seconds died of something other than its start-up."""
+LAST_WORDS = 20
+"""Lines of a worker's error output kept to say why it died."""
 
 
 @dataclass
@@ -39,6 +48,9 @@ class Slot:
     restart_at: float = 0.0
     delay: float = MIN_DELAY
     fatal: bool = False
+    young_deaths: int = 0  # exits in a row before HEALTHY_AFTER seconds
+    last_words: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_WORDS))
+    last_exit: str = ""
 
 
 class Supervisor:
@@ -49,8 +61,8 @@ class Supervisor:
     ) -> None:
         """``extra``: more ``augserver worker`` arguments (``--key``, ``--server-key``)."""
         self.connect = connect
-        self.command = [sys.executable, "-m", "augserver", "worker", "--connect", connect,
-                        "--log-level", log_level, *extra]
+        self.command, self.env = augserver_command(
+            "worker", "--connect", connect, "--log-level", log_level, *extra)
         self.slots = [Slot(i) for i in range(count)]
         self.stopped = False
 
@@ -105,25 +117,77 @@ class Supervisor:
         for slot in self.slots:
             slot.process = None
 
+    def problems(self) -> list[str]:
+        """A sentence for each worker that keeps dying young or stopped for good, with the
+        last line of its error output (for ``status``)."""
+        found = []
+        for s in self.slots:
+            if s.fatal or s.young_deaths >= 2:
+                what = ("stopped for good" if s.fatal
+                        else f"keeps dying at start ({s.young_deaths} times in a row)")
+                found.append(f"local worker {s.number} {what}, {s.last_exit}: {_reason(s)}")
+        return found
+
     def _spawn(self, slot: Slot) -> None:
-        slot.process = subprocess.Popen(self.command, preexec_fn=dies_with_parent())
+        slot.process = subprocess.Popen(self.command, env=self.env, stderr=subprocess.PIPE,
+                                        preexec_fn=dies_with_parent())
+        slot.last_words.clear()
+        threading.Thread(target=_relay, args=(slot.process.stderr, slot.last_words),
+                         name=f"augserver-worker-{slot.number}-stderr", daemon=True).start()
         slot.started = time.monotonic()
         log.info("started local worker %d (pid %d) -> %s", slot.number, slot.process.pid,
                  self.connect)
 
     def _exited(self, slot: Slot, code: int, now: float) -> None:
         assert slot.process is not None
-        pid, slot.process = slot.process.pid, None
+        process, slot.process = slot.process, None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1)  # let the relay thread read its last words
+        time.sleep(0.05)
+        slot.last_exit = describe_exit(code)
         if code == EXIT_FATAL:
             slot.fatal = True
-            log.error("local worker %d (pid %d) stopped for good (exit %d); not restarting",
-                      slot.number, pid, code)
+            log.error("local worker %d (pid %d) stopped for good (exit %d); not restarting: %s",
+                      slot.number, process.pid, code, _reason(slot))
             return
-        slot.delay = MIN_DELAY if now - slot.started >= HEALTHY_AFTER else min(
-            slot.delay * 2, MAX_DELAY)
+        young = now - slot.started < HEALTHY_AFTER
+        slot.young_deaths = slot.young_deaths + 1 if young else 0
+        slot.delay = min(slot.delay * 2, MAX_DELAY) if young else MIN_DELAY
         slot.restart_at = now + slot.delay
-        log.warning("local worker %d (pid %d) died with %s; restarting in %.1f s",
-                    slot.number, pid, describe_exit(code), slot.delay)
+        log.log(logging.ERROR if slot.young_deaths >= 2 else logging.WARNING,
+                "local worker %d (pid %d) died with %s%s; restarting in %.1f s: %s",
+                slot.number, process.pid, slot.last_exit,
+                f", {slot.young_deaths} times in a row at start" if slot.young_deaths >= 2
+                else "", slot.delay, _reason(slot))
+
+
+def _relay(pipe: IO[bytes], last_words: deque[str]) -> None:
+    """Forward a worker's error output to ours, keeping its last lines."""
+    out = sys.stderr.buffer
+    for line in iter(pipe.readline, b""):
+        with contextlib.suppress(OSError, ValueError):
+            out.write(line)
+            out.flush()
+        text = line.decode(errors="replace").strip()
+        if text:
+            last_words.append(text)
+    pipe.close()
+
+
+def _reason(slot: Slot) -> str:
+    """The last line a worker wrote on its error output (usually why it stopped)."""
+    return slot.last_words[-1] if slot.last_words else "it printed nothing"
+
+
+def augserver_command(*args: str) -> tuple[list[str], dict[str, str]]:
+    """``python -P -m augserver ARGS`` and its environment. The child imports this very
+    augserver (its folder goes first on ``PYTHONPATH``), never a folder named ``augserver`` that
+    happens to be in the working directory (``-P``: the working directory is not put on
+    ``sys.path``), so workers start from any folder."""
+    root = str(Path(augserver.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return [sys.executable, "-P", "-m", "augserver", *args], env
 
 
 def dies_with_parent() -> Callable[[], None] | None:

@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from typing import Any
 import yaml
 
 from augserver.config import config_from_dict
-from augserver.supervisor import dies_with_parent
+from augserver.supervisor import augserver_command, dies_with_parent
 
 __all__ = ["free_port", "local_server"]
 
@@ -97,11 +96,10 @@ def local_server(
         path = _write_job(config, Path(tmp)) if isinstance(config, dict) else Path(config)
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "augserver", "serve", "--config", str(path), "--bind", address,
-             "--workers", str(workers), "--log-level", log_level],
-            start_new_session=True, preexec_fn=dies_with_parent(),
-        )  # fmt: skip
+        command, env = augserver_command("serve", "--config", str(path), "--bind", address,
+                                         "--workers", str(workers), "--log-level", log_level)
+        proc = subprocess.Popen(command, env=env, start_new_session=True,
+                                preexec_fn=dies_with_parent())
         try:
             _wait_listening(proc, port, _START_TIMEOUT)
             yield address

@@ -1,6 +1,7 @@
 """Static checks of the deployment files (no Docker engine or cluster needed): docker-compose.yml
 and its CURVE override deploy/compose.curve.yml, deploy/Dockerfile*, deploy/augserver.yaml, the
-Kubernetes manifests in deploy/k8s/ and the CURVE overlay deploy/k8s/examples/curve/.
+Kubernetes manifests in deploy/k8s/ and the CURVE overlay deploy/k8s/overlays/curve/, as the
+real `kubectl kustomize` builds them.
 
 Every command line the files give to ``augserver`` is parsed with the real CLI parser, the
 job files load with the real config loader, and the manifests validate against the
@@ -14,6 +15,8 @@ import io
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -34,11 +37,21 @@ COMPOSE_CURVE = DEPLOY / "compose.curve.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 EXAMPLE_CONFIG = DEPLOY / "augserver.yaml"
 K8S = DEPLOY / "k8s"
-# the base (what deploy/k8s/kustomization.yaml lists) and the stand-alone examples; not the
-# kustomizations and their patches, which are not Kubernetes objects
-K8S_BASE = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-K8S_FILES = K8S_BASE + sorted((K8S / "examples").glob("*.yaml"))
-CURVE_OVERLAY = K8S / "examples" / "curve"
+K8S_BASE = K8S / "base"
+K8S_EXAMPLES = sorted((K8S / "examples").glob("*.yaml"))  # applied on their own, with -f
+CURVE_OVERLAY = K8S / "overlays" / "curve"
+KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
+
+
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    """What ``kubectl kustomize FOLDER`` builds (the real tool, offline)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {folder} failed: {done.stderr}"
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
 PORT = 5555
 METRICS_PORT = 9100
 STATUS_PROBE = ["augserver", "status", "--connect", f"tcp://127.0.0.1:{PORT}", "--timeout", "3"]
@@ -328,7 +341,9 @@ def test_dockerignore_keeps_data_and_venv_out() -> None:
 
 @pytest.fixture(scope="module")
 def manifests() -> list[dict[str, Any]]:
-    docs = [d for f in K8S_FILES for d in yaml.safe_load_all(f.read_text()) if d]
+    """``kubectl apply -k deploy/k8s/`` and the examples: every object as the cluster gets it."""
+    docs = kustomize(K8S) + [d for f in K8S_EXAMPLES for d in yaml.safe_load_all(f.read_text())
+                             if d]
     assert docs
     return docs
 
@@ -339,9 +354,34 @@ def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def test_k8s_kustomization_lists_the_base() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
-    assert sorted(kustomization["resources"]) == [p.name for p in K8S_BASE]
+    manifests = sorted(p.name for p in K8S_BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == manifests
+    assert yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] == ["base"]
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_kustomization_builds_with_the_real_tool_and_validates(folder: Path) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.utils.latest_version()
+    docs = kustomize(folder)
+    assert docs
+    for doc in docs:
+        assert "namespace" not in doc["metadata"], "manifests must be namespace-agnostic"
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kustomize_is_really_run(tmp_path: Path) -> None:
+    """An overlay inside its own base is refused by the real tool (the mistake it caught)."""
+    base = tmp_path / "base"
+    shutil.copytree(K8S_BASE, base)
+    (base / "inner").mkdir()
+    (base / "inner" / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
+        "  - ../\n")
+    with pytest.raises(AssertionError, match="cycle detected"):
+        kustomize(base / "inner")
 
 
 def test_k8s_manifests_validate(manifests: list[dict[str, Any]]) -> None:
@@ -471,78 +511,18 @@ def test_trainer_image_and_compose_build_files(compose: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- Kubernetes + CURVE
 
 
-def _pointer(path: str) -> list[str]:
-    assert path.startswith("/"), path
-    return [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
-
-
-def apply_json6902(doc: Any, ops: list[dict[str, Any]]) -> Any:
-    """``doc`` patched by the RFC 6902 ``ops`` (add, replace, remove, test): enough of the
-    RFC for the overlays here; a path that does not exist fails as kustomize would."""
-    import copy
-
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        *parents, last = _pointer(op["path"])
-        node = doc
-        for token in parents:
-            node = node[int(token)] if isinstance(node, list) else node[token]
-        kind = op["op"]
-        if kind == "test":
-            actual = node[int(last)] if isinstance(node, list) else node[last]
-            assert actual == op["value"], f"test {op['path']}: {actual!r} != {op['value']!r}"
-        elif kind == "add" and isinstance(node, list):
-            index = len(node) if last == "-" else int(last)
-            assert 0 <= index <= len(node), op["path"]
-            node.insert(index, copy.deepcopy(op["value"]))
-        elif kind == "add":
-            assert isinstance(node, dict), op["path"]
-            node[last] = copy.deepcopy(op["value"])
-        elif kind == "replace":
-            if isinstance(node, list):
-                node[int(last)] = copy.deepcopy(op["value"])
-            else:
-                assert last in node, op["path"]
-                node[last] = copy.deepcopy(op["value"])
-        elif kind == "remove":
-            del node[int(last) if isinstance(node, list) else last]
-        else:
-            raise AssertionError(f"unsupported op {kind}")
-    return doc
-
-
-def test_apply_json6902() -> None:
-    doc = {"a": [1, 2], "b": {"c": 1}}
-    patched = apply_json6902(doc, [
-        {"op": "add", "path": "/a/-", "value": 3}, {"op": "add", "path": "/a/0", "value": 0},
-        {"op": "add", "path": "/b/d~1e", "value": 2}, {"op": "replace", "path": "/b/c", "value": 5},
-        {"op": "remove", "path": "/a/1"}, {"op": "test", "path": "/b/c", "value": 5},
-    ])
-    assert patched == {"a": [0, 2, 3], "b": {"c": 5, "d/e": 2}}
-    assert doc == {"a": [1, 2], "b": {"c": 1}}
-    for bad in ({"op": "test", "path": "/b/c", "value": 2},
-                {"op": "add", "path": "/x/y", "value": 1},
-                {"op": "replace", "path": "/b/zz", "value": 1}):
-        with pytest.raises((AssertionError, KeyError)):
-            apply_json6902(doc, [bad])
-
-
 @pytest.fixture(scope="module")
 def curve_overlay(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The overlay's kustomization applied by hand: {Deployment name: patched Deployment}."""
+    """The overlay as ``kubectl kustomize`` builds it: {Deployment name: patched Deployment};
+    it also keeps every other object of the base unchanged."""
     kustomization = yaml.safe_load((CURVE_OVERLAY / "kustomization.yaml").read_text())
-    assert kustomization["kind"] == "Kustomization"
-    assert [(CURVE_OVERLAY / r).resolve() for r in kustomization["resources"]] == [K8S]
+    assert [(CURVE_OVERLAY / r).resolve() for r in kustomization["resources"]] == [K8S_BASE]
     assert "namespace" not in kustomization
-    patched = {}
-    for patch in kustomization["patches"]:
-        target = patch["target"]
-        assert (target["group"], target["version"], target["kind"]) == ("apps", "v1", "Deployment")
-        ops = yaml.safe_load((CURVE_OVERLAY / patch["path"]).read_text())
-        assert isinstance(ops, list), "a JSON6902 patch is a list of operations"
-        doc = _one(manifests, "Deployment", target["name"])
-        patched[target["name"]] = apply_json6902(doc, ops)
+    built = kustomize(CURVE_OVERLAY)
+    patched = {d["metadata"]["name"]: d for d in built if d["kind"] == "Deployment"}
     assert set(patched) == {"augserver-dispatcher", "augserver-worker"}
+    others = [d for d in built if d["kind"] != "Deployment"]
+    assert others == [d for d in kustomize(K8S) if d["kind"] != "Deployment"]
     return patched
 
 
@@ -632,7 +612,7 @@ def test_k8s_curve_worker(manifests: list[dict[str, Any]],
 def test_k8s_curve_keys_documented() -> None:
     """deploy/README.md names the Secret's files and the overlay exactly as they are used."""
     readme = (DEPLOY / "README.md").read_text()
-    assert "kubectl apply -k deploy/k8s/examples/curve" in readme
+    assert "kubectl apply -k deploy/k8s/overlays/curve" in readme
     assert "kubectl create secret generic augserver-curve-keys" in readme
     for name in ("augserver.key_secret", "augserver.key", "worker.key_secret", "worker.key"):
         assert f"--from-file=keys/{name}" in readme

@@ -35,6 +35,10 @@ The full file, every key at its default (only ``dataset`` is required)::
       worker_slots: 2                # tasks a worker may hold at once, >= 1
       max_prefetch_bytes: 1073741824 # cap on what the dispatcher holds or has in flight for
                                      # one client stream, in bytes
+      sample_seconds: 60.0           # a sample that takes longer to make is failed (reported
+                                     # with its path, error_policy applies), never retried
+      max_image_pixels: 89478485     # larger images are refused before they are decoded
+                                     # (decompression bombs; bounds a worker's memory)
     security:                 # CURVE encryption + authentication; turn on for traffic that
       curve: false            # leaves a host (off: plain TCP, fine on loopback)
       server_key: null        # the dispatcher's secret key file (NAME.key_secret from
@@ -92,6 +96,8 @@ class Limits:
     heartbeat_misses: int = 3
     worker_slots: int = 2
     max_prefetch_bytes: int = 2**30
+    sample_seconds: float = 60.0
+    max_image_pixels: int = 89_478_485
 
     @property
     def heartbeat_timeout(self) -> float:
@@ -393,6 +399,8 @@ def config_from_dict(
             heartbeat_misses=r.integer(limits, "limits.heartbeat_misses", 1),
             worker_slots=r.integer(limits, "limits.worker_slots", 1),
             max_prefetch_bytes=r.integer(limits, "limits.max_prefetch_bytes", 1),
+            sample_seconds=r.number(limits, "limits.sample_seconds"),
+            max_image_pixels=r.integer(limits, "limits.max_image_pixels", 1),
         ),
         security=_security(r, data.get("security"), check_paths, base_dir),
         metrics=_metrics(r, data.get("metrics")),

@@ -147,7 +147,7 @@ def _build(kind: Any, data: Any, where: str) -> Any:
         values = {}
         for f in dataclasses.fields(kind):
             if f.name not in data:
-                if f.default is dataclasses.MISSING:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise ProtocolError(f"{where}.{f.name}: missing")
                 continue
             values[f.name] = _build(hints[f.name], data[f.name], f"{where}.{f.name}")

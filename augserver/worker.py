@@ -6,10 +6,14 @@ produces the same batch.
 
 Liveness, in both directions:
 
-- The worker sends ``heartbeat`` every ``limits.heartbeat_interval`` seconds, also while busy:
-  it checks the clock between samples. A single sample that takes longer than
-  ``heartbeat_interval * heartbeat_misses`` therefore gets its task declared lost and
-  re-issued by the dispatcher (the late result is dropped as a duplicate).
+- The worker makes each batch on a thread of its own (:class:`Making`) while its own thread
+  sends ``heartbeat`` every ``limits.heartbeat_interval`` seconds and answers the dispatcher,
+  however long one sample takes. A sample still in the making after ``limits.sample_seconds``
+  is reported failed with its path (``error_policy`` applies: a stand-in takes its place under
+  ``skip``), the task is made again without it, and that sample is never tried again by this
+  worker; its thread cannot be stopped and is left to finish. A second sample stuck while the
+  first still runs makes the worker exit with :data:`EXIT_STUCK` (a supervisor restarts it).
+- Images larger than ``limits.max_image_pixels`` are refused before they are decoded.
 - The dispatcher answers every heartbeat. A worker that hears nothing from it for
   ``2 * heartbeat_interval * heartbeat_misses`` seconds, or receives ``reset``, closes its
   socket and says ``hello`` again on a fresh one, so a restarted dispatcher gets its workers
@@ -29,12 +33,13 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
+from PIL import Image
 
 from augserver import protocol, session
 from augserver.augmix import augmix_views, sample_rng
@@ -64,6 +69,15 @@ class Fatal(Exception):
     """The worker must stop for good; the message says why."""
 
 
+class Stuck(Exception):
+    """A second sample ran past its limit while the first still runs: the worker exits (and is
+    restarted) rather than pile up threads that cannot be stopped."""
+
+
+EXIT_STUCK = 4
+"""Exit status of a worker that left because samples got stuck (a supervisor restarts it)."""
+
+
 @dataclass
 class Job:
     """What a welcome gives a worker: the validated config and its view of the dataset."""
@@ -86,7 +100,8 @@ def busy_tick(limits: Limits) -> float:
 
 
 def make_batch(
-    job: Job, epoch: int, indices: list[int], between: Callable[[], None] = lambda: None
+    job: Job, epoch: int, indices: list[int], between: Callable[[int], None] = lambda i: None,
+    refused: Mapping[int, str] | None = None,
 ) -> tuple[list[np.ndarray], list[list[Any]]]:
     """The arrays of one task's result and its failures ``[[index, path, error], ...]``.
 
@@ -94,22 +109,26 @@ def make_batch(
     cannot be made is reported in the failures and, under ``error_policy: skip``, replaced in
     its place by :func:`substitute`'s sample, so the batch keeps its size and every rank its
     batch count; the indices array names the sample actually delivered. A sample with no
-    usable substitute is left out (the dispatcher then fails the stream). ``between`` runs
-    before every sample (heartbeats and incoming messages while busy).
+    usable substitute is left out (the dispatcher then fails the stream). ``between(index)``
+    runs before every sample is made (the worker times each one); ``refused`` maps the samples
+    not to try at all (they took too long before) to the reason reported for them.
     """
+    refused = refused or {}
     config, dataset = job.config, job.dataset
     views = config.layout.empty_views(len(indices))
     done = np.empty(len(indices), INDICES_DTYPE)
     failed: list[list[Any]] = []
     n = 0
     for index in indices:
-        between()
+        between(index)
         try:
+            if index in refused:
+                raise DatasetError(_path(dataset, index), index, refused[index])
             _fill_sample(job, epoch, index, views[:, n])
             made: int | None = index
         except Exception as exc:  # reported with its path; never kills the worker
             failed.append(_failure(dataset, index, exc))
-            made = substitute(job, epoch, index, views[:, n], between)
+            made = substitute(job, epoch, index, views[:, n], between, refused)
         if made is None:
             continue
         done[n] = made
@@ -124,7 +143,8 @@ SUBSTITUTE_TRIES = 16
 
 
 def substitute(job: Job, epoch: int, index: int, slot: np.ndarray,
-               between: Callable[[], None] = lambda: None) -> int | None:
+               between: Callable[[int], None] = lambda i: None,
+               refused: Mapping[int, str] | None = None) -> int | None:
     """Under ``error_policy: skip``, fill ``slot`` with the stand-in for sample ``index``,
     which could not be made: the first of the next :data:`SUBSTITUTE_TRIES` samples in dataset
     order (``index + 1``, ``index + 2``, ... wrapping around) that can be made, exactly as that
@@ -134,8 +154,10 @@ def substitute(job: Job, epoch: int, index: int, slot: np.ndarray,
         return None
     n = len(job.dataset)
     for k in range(1, min(SUBSTITUTE_TRIES, n - 1) + 1):
-        between()
         candidate = (index + k) % n
+        if refused and candidate in refused:
+            continue
+        between(candidate)
         try:
             _fill_sample(job, epoch, candidate, slot)
         except Exception:  # that one is reported when its own turn comes
@@ -144,14 +166,18 @@ def substitute(job: Job, epoch: int, index: int, slot: np.ndarray,
     return None
 
 
+def _path(dataset: Dataset, index: int) -> str:
+    try:
+        return dataset.path(index)
+    except Exception:
+        return f"<index {index} of {len(dataset)}>"
+
+
 def _failure(dataset: Dataset, index: int, exc: Exception) -> list[Any]:
     """``[index, path, error]`` for a sample that could not be made."""
     if isinstance(exc, DatasetError):
         return [index, exc.path, str(exc)]
-    try:
-        path = dataset.path(index)
-    except Exception:
-        path = f"<index {index} of {len(dataset)}>"
+    path = _path(dataset, index)
     log.warning("sample %d (%s) failed: %s: %s", index, path, type(exc).__name__, exc)
     return [index, path, f"{type(exc).__name__}: {exc}"]
 
@@ -162,7 +188,15 @@ def _fill_sample(job: Job, epoch: int, index: int, slot: np.ndarray) -> None:
     without JSD, or the preprocessed image alone with ``augment: none``."""
     config, dataset = job.config, job.dataset
     rng = sample_rng(config.seed, epoch, index)
-    image = dataset.sample(index, lambda source: preprocess(config.preprocess, source, rng))
+    limit = config.limits.max_image_pixels
+
+    def transform(source: Any) -> np.ndarray:
+        if isinstance(source, Image.Image) and source.width * source.height > limit:
+            raise ValueError(f"{source.width} x {source.height} pixels exceed "
+                             f"limits.max_image_pixels ({limit}); not decoded")
+        return preprocess(config.preprocess, source, rng)
+
+    image = dataset.sample(index, transform)
     side = config.image_size
     if image.shape != (side, side, 3):
         raise DatasetError(
@@ -175,6 +209,45 @@ def _fill_sample(job: Job, epoch: int, index: int, slot: np.ndarray) -> None:
         augmix_views(image, rng, config.augmix, 2, out=slot[1:])
     else:
         augmix_views(image, rng, config.augmix, 1, out=slot)
+
+
+class Making:
+    """One task's batch, made on a thread of its own so that the worker's own thread keeps
+    heartbeating and answering however long a sample takes; it notes which sample it is on."""
+
+    def __init__(self, job: Job, task: protocol.Message, refused: Mapping[int, str]) -> None:
+        self.job = job
+        self.task = task
+        self.refused = dict(refused)
+        self.current: tuple[int, float] | None = None  # (index, started) of the sample being made
+        self.result: tuple[list[np.ndarray], list[list[Any]]] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="augserver-make", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = make_batch(self.job, self.task["epoch"], self.task["indices"],
+                                     self._starting, self.refused)
+        except BaseException as exc:  # raised again in the worker's thread by done()
+            self.error = exc
+        finally:
+            self.current = None
+
+    def _starting(self, index: int) -> None:
+        self.current = (index, time.monotonic())
+
+    def done(self) -> bool:
+        if self.thread.is_alive():
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def overrun(self, limit: float, now: float) -> int | None:
+        """The sample that has been in the making for more than ``limit`` seconds, if any."""
+        current = self.current
+        return current[0] if current is not None and now - current[1] > limit else None
 
 
 class KernelLoader:
@@ -226,6 +299,9 @@ class Worker:
         self.busy_tick = _BUSY_TICK
         self.kernels = KernelLoader(name)
         self.ready_sent = False  # on this connection
+        self.making: Making | None = None
+        self.too_slow: dict[int, str] = {}  # samples past limits.sample_seconds: not tried again
+        self.abandoned: threading.Thread | None = None  # still making a too slow sample
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -244,6 +320,9 @@ class Worker:
         except Fatal as exc:
             log.error("worker %s stops: %s", self.name, exc)
             return EXIT_FATAL
+        except Stuck as exc:
+            log.error("worker %s leaves to be restarted: %s", self.name, exc)
+            return EXIT_STUCK
         finally:
             if self.sock is not None:
                 self.sock.close(linger=0)
@@ -253,6 +332,7 @@ class Worker:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.tasks.clear()
+        self.making = None  # a result for the old connection would be a duplicate
         self.ready_sent = False
         self.sock = session.dealer(self.context, self.connect, self.keys, immediate=True,
                                    reconnect_ms=(100, 2000))
@@ -295,6 +375,9 @@ class Worker:
                     f"{message['dataset_len']} at the dispatcher"
                 )
             self.job = Job(config, dataset, raw)
+            # Pillow's own bomb check stays above the job's limit (make_batch applies that)
+            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0,
+                                         config.limits.max_image_pixels)
         self.busy_tick = busy_tick(self.job.config.limits)
         log.info("worker %s: welcomed by %s", self.name, self.connect)
         self.last_heard = self.last_beat = time.monotonic()
@@ -314,21 +397,40 @@ class Worker:
     def _serve(self) -> None:
         assert self.job is not None
         while not self.stop.is_set():
-            if self.tasks:
-                self._run_task(self.tasks.popleft())
-            else:
+            if self.making is None and self.tasks:
+                self.making = Making(self.job, self.tasks.popleft(), self.too_slow)
+            if self.making is None:
                 self._tick(_POLL_MS)
+            else:
+                self._tick(int(self.busy_tick * 1000))
+                self._check_making()
 
-    def _run_task(self, task: protocol.Message) -> None:
-        assert self.job is not None
-        arrays, failed = make_batch(self.job, task["epoch"], task["indices"], self._tick_if_due)
-        # A result also frees the slot its task used: no separate ready message.
-        self._send(protocol.encode("result", arrays, task=task["task"], failed=failed))
-
-    def _tick_if_due(self) -> None:
-        """:meth:`_tick` between samples, at most every :attr:`busy_tick` seconds."""
-        if time.monotonic() - self.last_tick >= self.busy_tick:
-            self._tick()
+    def _check_making(self) -> None:
+        """Send the batch once made; fail a sample that runs past ``limits.sample_seconds``."""
+        making, job = self.making, self.job
+        assert making is not None and job is not None
+        if making.done():
+            self.making = None
+            assert making.result is not None
+            arrays, failed = making.result
+            # A result also frees the slot its task used: no separate ready message.
+            self._send(protocol.encode("result", arrays, task=making.task["task"],
+                                       failed=failed))
+            return
+        limit = job.config.limits.sample_seconds
+        index = making.overrun(limit, time.monotonic())
+        if index is None:
+            return
+        path = _path(job.dataset, index)
+        log.warning("worker %s: sample %d (%s) took longer than limits.sample_seconds (%g s); "
+                    "it is reported failed and never tried again here", self.name, index, path,
+                    limit)
+        if self.abandoned is not None and self.abandoned.is_alive():
+            raise Stuck(f"sample {index} ({path}) ran past limits.sample_seconds while an "
+                        "earlier one still runs")
+        self.too_slow[index] = f"took longer than limits.sample_seconds ({limit:g} s) to make"
+        self.abandoned = making.thread  # it cannot be stopped; its result is ignored
+        self.making = Making(job, making.task, self.too_slow)  # the task again, without it
 
     def _tick(self, timeout_ms: int = 0) -> None:
         """Heartbeat when due, handle what arrived, notice a silent dispatcher."""

@@ -44,6 +44,8 @@ FULL = {
         "heartbeat_misses": 5,
         "worker_slots": 1,
         "max_prefetch_bytes": 1 << 24,
+        "sample_seconds": 5.5,
+        "max_image_pixels": 4096,
     },
     "security": {"curve": False, "server_key": None, "allow_dir": None},
     "metrics": {"bind": "127.0.0.1:9100"},
@@ -159,7 +161,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "tcp://127.0.0.1:6000",
         4,
     )
-    assert config.limits == Limits(1 << 20, 0.25, 5, 1, 1 << 24)
+    assert config.limits == Limits(1 << 20, 0.25, 5, 1, 1 << 24, 5.5, 4096)
     expected = json.loads(json.dumps(FULL))
     expected["dataset"]["path"] = str(tmp_path / "train.npz")
     assert config.to_dict() == expected

@@ -11,6 +11,7 @@ import pytest
 
 from augserver.addresses import check_endpoint, local_address, parse_host_port
 from augserver.config import ConfigError, load_config
+from augserver.errors import ProtocolError
 from augserver.metrics import escape, render
 from augserver.scaling import WAIT_THRESHOLD, StreamMeter, estimate
 from augserver.stats import DispatcherStats, StreamStats
@@ -162,3 +163,13 @@ def test_bad_ports_in_the_job_and_on_the_command_line_name_the_key(tmp_path: Pat
     assert "the tcp:// is missing" in capsys.readouterr().err
     with pytest.raises(ValueError, match="port 0"):
         RemoteAugMixLoader("tcp://127.0.0.1:0")
+
+
+def test_a_stats_record_from_the_wire_is_checked_field_by_field() -> None:
+    with pytest.raises(ProtocolError, match=r"stats\.uptime_s: missing"):
+        DispatcherStats.from_dict({})
+    wire = hand_made_stats().to_dict()
+    assert DispatcherStats.from_dict(wire) == hand_made_stats()
+    wire["workers"][0]["tasks_done"] = "5"
+    with pytest.raises(ProtocolError, match=r"stats.workers\[0\].tasks_done: expected int"):
+        DispatcherStats.from_dict(wire)

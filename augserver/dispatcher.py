@@ -28,6 +28,7 @@ from augserver.datasets import Dataset, open_dataset
 from augserver.dispatcher_state import (
     DUPLICATE,
     FAILED,
+    LATE,
     MAX_NAME,
     REJECTED,
     DispatcherState,
@@ -279,8 +280,8 @@ class Dispatcher:
     def _result(self, worker: Peer, message: protocol.Message) -> None:
         """Relay a worker's batch to its client, or say why not."""
         outcome = self.state.result(worker, message, time.monotonic())
-        if outcome.kind == DUPLICATE:
-            log.debug("dropped a stale or duplicate result for task %d", message["task"])
+        if outcome.kind in (DUPLICATE, LATE):
+            log.debug("dropped a %s result for task %d", outcome.kind, message["task"])
             return
         if outcome.kind == REJECTED:
             raise MessageError(outcome.problem)

@@ -108,7 +108,7 @@ class Peer:
     streams: dict[str, Stream] = field(default_factory=dict)  # client: by stream id
 
 
-RELAY, DUPLICATE, REJECTED, FAILED = "relay", "duplicate", "rejected", "failed"
+RELAY, DUPLICATE, LATE, REJECTED, FAILED = "relay", "duplicate", "late", "rejected", "failed"
 
 
 @dataclass
@@ -117,7 +117,8 @@ class ResultOutcome:
 
     - ``relay``: send it to ``task.stream``'s client as batch ``task.position``; ``end``: it
       was the stream's last, so ``end`` follows (the stream is already forgotten);
-    - ``duplicate``: a late or repeated result, dropped;
+    - ``duplicate``: a repeated result, or one for a task re-issued since, dropped;
+    - ``late``: a result for a stream that has ended, failed or been closed, dropped;
     - ``rejected``: it does not match its task (``problem`` says how); the task is re-issued;
     - ``failed``: a sample failed under ``error_policy: fail``; ``problem`` is the stream's
       error for its client (the stream is already forgotten).
@@ -158,6 +159,7 @@ class DispatcherState:
         self.turn = 0  # round-robin pointer over streams
         self.counters = Counters()
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+        self.ended: dict[int, bytes] = {}  # tasks out when their stream ended -> their worker
 
     # ------------------------------------------------------------------ peers
 
@@ -172,6 +174,8 @@ class DispatcherState:
         peer = self.peers.pop(ident, None)
         if peer is None:
             return None
+        for task_id in [t for t, w in self.ended.items() if w == ident]:
+            del self.ended[task_id]
         for task_id in sorted(peer.tasks):
             task = self.tasks.pop(task_id, None)
             if task is not None and task.stream.alive:
@@ -204,6 +208,10 @@ class DispatcherState:
             self.ready(worker, 1)
 
     def _take_result(self, worker: Peer, message: protocol.Message, now: float) -> ResultOutcome:
+        if self.ended.get(message["task"]) == worker.ident:
+            del self.ended[message["task"]]
+            self.counters.late_results += 1
+            return ResultOutcome(LATE)
         task = self.tasks.get(message["task"])
         if task is None or task.worker != worker.ident or task.position in task.stream.delivered:
             self.counters.duplicates_dropped += 1
@@ -331,6 +339,7 @@ class DispatcherState:
             worker = self.peers.get(task.worker) if task else None
             if worker is not None:
                 worker.tasks.discard(task_id)
+                self.ended[task_id] = worker.ident
         stream.in_flight.clear()
         stream.pending.clear()
 

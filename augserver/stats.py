@@ -29,6 +29,7 @@ class Counters:
     tasks_reissued: int = _counter(
         "Tasks re-issued after a worker died or returned a bad result.")
     duplicates_dropped: int = _counter("Stale or duplicate results dropped.")
+    late_results: int = _counter("Results for streams that had ended or failed, dropped.")
     samples_failed: int = _counter("Samples that could not be read or decoded.")
     malformed_messages: int = _counter("Malformed messages received.")
     handler_errors: int = _counter(

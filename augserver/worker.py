@@ -27,6 +27,7 @@ Liveness, in both directions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -215,13 +216,16 @@ class Making:
     """One task's batch, made on a thread of its own so that the worker's own thread keeps
     heartbeating and answering however long a sample takes; it notes which sample it is on."""
 
-    def __init__(self, job: Job, task: protocol.Message, refused: Mapping[int, str]) -> None:
+    def __init__(self, job: Job, task: protocol.Message, refused: Mapping[int, str],
+                 on_done: Callable[[], None] = lambda: None) -> None:
         self.job = job
         self.task = task
+        self.on_done = on_done
         self.refused = dict(refused)
         self.current: tuple[int, float] | None = None  # (index, started) of the sample being made
         self.result: tuple[list[np.ndarray], list[list[Any]]] | None = None
         self.error: BaseException | None = None
+        self.finished = False
         self.thread = threading.Thread(target=self._run, name="augserver-make", daemon=True)
         self.thread.start()
 
@@ -233,12 +237,14 @@ class Making:
             self.error = exc
         finally:
             self.current = None
+            self.finished = True  # before the wake-up: the thread itself is still alive
+            self.on_done()
 
     def _starting(self, index: int) -> None:
         self.current = (index, time.monotonic())
 
     def done(self) -> bool:
-        if self.thread.is_alive():
+        if not self.finished:
             return False
         if self.error is not None:
             raise self.error
@@ -292,6 +298,13 @@ class Worker:
         self.stop = stop
         self.keys = keys
         self.context = zmq.Context()
+        # A made batch wakes the worker's thread at once (it waits on its socket otherwise).
+        wake = f"inproc://augserver-made-{id(self)}"
+        self.made = self.context.socket(zmq.PAIR)
+        self.made.bind(wake)
+        self._made_signal = self.context.socket(zmq.PAIR)
+        self._made_signal.connect(wake)
+        self._signal_lock = threading.Lock()
         self.sock: zmq.Socket | None = None
         self.job: Job | None = None
         self.tasks: deque[protocol.Message] = deque()
@@ -326,6 +339,9 @@ class Worker:
         finally:
             if self.sock is not None:
                 self.sock.close(linger=0)
+            with self._signal_lock:
+                self._made_signal.close(linger=0)
+            self.made.close(linger=0)
             self.context.term()
 
     def _new_socket(self) -> zmq.Socket:
@@ -395,15 +411,30 @@ class Worker:
     # ------------------------------------------------------------------ serving
 
     def _serve(self) -> None:
-        assert self.job is not None
+        assert self.job is not None and self.sock is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.made, zmq.POLLIN)
         while not self.stop.is_set():
             if self.making is None and self.tasks:
-                self.making = Making(self.job, self.tasks.popleft(), self.too_slow)
+                self.making = self._start(self.tasks.popleft())
             if self.making is None:
                 self._tick(_POLL_MS)
-            else:
-                self._tick(int(self.busy_tick * 1000))
-                self._check_making()
+                continue
+            if self.made in dict(poller.poll(int(self.busy_tick * 1000))):
+                while self.made.poll(0):
+                    self.made.recv()
+            self._tick()
+            self._check_making()
+
+    def _start(self, task: protocol.Message) -> Making:
+        assert self.job is not None
+        return Making(self.job, task, self.too_slow, self._signal_made)
+
+    def _signal_made(self) -> None:
+        """Called on a making thread when its batch is done (or failed)."""
+        with self._signal_lock, contextlib.suppress(zmq.ZMQError):
+            self._made_signal.send(b"", zmq.NOBLOCK)
 
     def _check_making(self) -> None:
         """Send the batch once made; fail a sample that runs past ``limits.sample_seconds``."""
@@ -430,7 +461,7 @@ class Worker:
                         "earlier one still runs")
         self.too_slow[index] = f"took longer than limits.sample_seconds ({limit:g} s) to make"
         self.abandoned = making.thread  # it cannot be stopped; its result is ignored
-        self.making = Making(job, making.task, self.too_slow)  # the task again, without it
+        self.making = self._start(making.task)  # the task again, without it
 
     def _tick(self, timeout_ms: int = 0) -> None:
         """Heartbeat when due, handle what arrived, notice a silent dispatcher."""

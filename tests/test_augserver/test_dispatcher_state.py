@@ -16,6 +16,7 @@ from augserver.dispatcher_state import (
     CLIENT_TIMEOUT,
     DUPLICATE,
     FAILED,
+    LATE,
     REJECTED,
     RELAY,
     DispatcherState,
@@ -209,7 +210,8 @@ def test_silent_clients_expire_and_take_their_streams_with_them() -> None:
     assert [p for p, _ in state.expired(CLIENT_TIMEOUT + 1)] == [w, client]
     state.forget(client.ident)
     assert state.streams == {} and state.tasks == {} and w.tasks == set()
-    assert state.result(w, result(state, tasks[0]), 40.0).kind == DUPLICATE
+    assert state.result(w, result(state, tasks[0]), 40.0).kind == LATE  # its stream ended
+    assert state.result(w, result(state, tasks[0]), 40.0).kind == DUPLICATE  # and again
 
 
 def test_streams_take_turns() -> None:
@@ -315,3 +317,15 @@ def test_a_worker_is_warming_and_gets_nothing_until_it_says_ready() -> None:
     state.ready(worker, 2)
     assert not worker.warming and len(state.schedule()) == 2
     assert state.stats(0.0, uptime=0, address="a", summary={}).workers[0].state == "ready"
+
+
+def test_results_for_an_ended_stream_are_late_not_duplicates() -> None:
+    state, (w,), _, _ = setup(credits=2, error_policy="fail")
+    first, second = state.schedule()
+    bad = int(first.batch[0])
+    failed = state.result(w, result(state, first, indices=[int(first.batch[1])],
+                                    failed=[[bad, "x.png", "broken"]]), 1.0)
+    assert failed.kind == FAILED
+    assert state.result(w, result(state, second), 1.0).kind == LATE
+    assert (state.counters.late_results, state.counters.duplicates_dropped) == (1, 0)
+    assert state.ended == {} and w.free == 2  # forgotten once answered; the slots are back

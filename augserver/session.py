@@ -20,6 +20,8 @@ from augserver.errors import ProtocolError, RemoteError, SessionTimeout
 from augserver.security import ClientKeys
 
 _POLL_MS = 100
+WAIT_REPORT = 5.0
+"""Seconds between two ``waiting`` calls while no dispatcher answers."""
 
 
 class Refused(RemoteError):
@@ -97,6 +99,7 @@ def handshake(
     names: KeyNames = FLAGS,
     stopped: Callable[[], bool] = lambda: False,
     on_other: Callable[[protocol.Message], None] = lambda message: None,
+    waiting: Callable[[float], None] = lambda seconds: None,
 ) -> protocol.Message | None:
     """Say hello on ``sock`` once it is connected and return the dispatcher's answer:
     ``welcome``, or ``status`` for the status role. None when ``stopped()`` turns true.
@@ -104,10 +107,20 @@ def handshake(
     Raises :class:`SessionTimeout` (with :func:`connection_hint`) when no connection or no
     answer comes within ``timeout`` seconds, :class:`Refused` when the dispatcher refuses,
     :class:`RemoteError` when the answer is not this protocol. Other messages before the
-    answer go to ``on_other``.
+    answer go to ``on_other``; ``waiting(seconds so far)`` runs every :data:`WAIT_REPORT`
+    seconds while nothing answers.
     """
     answer = "status" if role == "status" else "welcome"
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    next_report = start + WAIT_REPORT
+
+    def report() -> None:
+        nonlocal next_report
+        now = time.monotonic()
+        if now >= next_report:
+            next_report = now + WAIT_REPORT
+            waiting(now - start)
 
     def expired(what: str) -> SessionTimeout:
         return SessionTimeout(f"no augserver dispatcher {what} at {address} within "
@@ -119,12 +132,14 @@ def handshake(
             return None
         if time.monotonic() >= deadline:
             raise expired("reachable")
+        report()
     sock.send_multipart(hello(role, name), flags=zmq.NOBLOCK)
     while not stopped():
         left = deadline - time.monotonic()
         if left <= 0:
             raise expired("answered")
         if not sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1, zmq.POLLIN):
+            report()
             continue
         try:
             message = protocol.decode(sock.recv_multipart(copy=False))

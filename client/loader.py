@@ -302,7 +302,10 @@ class RemoteAugMixLoader:
         """hello -> welcome; waits for a dispatcher that is not up yet, up to ``timeout``."""
         welcome = session.handshake(
             sock, "client", f"{socket.gethostname()}:{threading.get_native_id()}",
-            self.address, timeout, curve=self._keys is not None, names=session.ARGUMENTS)
+            self.address, timeout, curve=self._keys is not None, names=session.ARGUMENTS,
+            waiting=lambda waited: log.warning(
+                "waiting for the augserver dispatcher at %s: no answer for %.0f s (gives up "
+                "after %g s)", self.address, waited, timeout))
         assert welcome is not None  # never stopped
         return welcome
 

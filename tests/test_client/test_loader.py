@@ -430,10 +430,15 @@ def test_loader_arguments_are_checked():
         loader.load_state_dict({"epoch": 0, "rank": 1, "world_size": 2, "consumed": []})
 
 
-def test_no_dispatcher_is_a_clear_timeout():
-    loader = RemoteAugMixLoader(free_address(), timeout=1.5)
-    with pytest.raises(TimeoutError, match="no augserver dispatcher answered"):
+def test_no_dispatcher_is_a_clear_timeout(monkeypatch, caplog):
+    monkeypatch.setattr("augserver.session.WAIT_REPORT", 0.5)
+    address = free_address()
+    loader = RemoteAugMixLoader(address, timeout=1.7)
+    with caplog.at_level("WARNING", "augserver.client"), \
+            pytest.raises(TimeoutError, match=r"no augserver dispatcher answered .* within 1\.7 s"):
         len(loader)
+    waits = [m for r in caplog.records if "waiting for the augserver" in (m := r.getMessage())]
+    assert len(waits) >= 2 and all(address in w for w in waits)
 
 
 def test_the_loader_knows_the_classes_without_opening_the_dataset(tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ The full file, every key at its default (only ``dataset`` is required)::
                                      # one client stream, in bytes
       sample_seconds: 60.0           # a sample that takes longer to make is failed (reported
                                      # with its path, error_policy applies), never retried
+      no_worker_seconds: 120.0       # a stream no worker could serve this long fails, saying
+                                     # why (workers refused, or none joined)
       max_image_pixels: 89478485     # larger images are refused before they are decoded
                                      # (decompression bombs; bounds a worker's memory)
     security:                 # CURVE encryption + authentication; turn on for traffic that
@@ -97,6 +99,7 @@ class Limits:
     worker_slots: int = 2
     max_prefetch_bytes: int = 2**30
     sample_seconds: float = 60.0
+    no_worker_seconds: float = 120.0
     max_image_pixels: int = 89_478_485
 
     @property
@@ -400,6 +403,7 @@ def config_from_dict(
             worker_slots=r.integer(limits, "limits.worker_slots", 1),
             max_prefetch_bytes=r.integer(limits, "limits.max_prefetch_bytes", 1),
             sample_seconds=r.number(limits, "limits.sample_seconds"),
+            no_worker_seconds=r.number(limits, "limits.no_worker_seconds"),
             max_image_pixels=r.integer(limits, "limits.max_image_pixels", 1),
         ),
         security=_security(r, data.get("security"), check_paths, base_dir),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _codecs
 import errno
+import hashlib
 import operator
 import os
 import pickle
@@ -32,6 +33,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Decoders Image.open may use: the formats those extensions hold. (JPEG's opener also returns
 # MPO, multi-picture JPEG, images; transforms treat both formats alike.)
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+
+
+def _digest(data: Any) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> str | None:
+    """A sentence naming every part of two dataset fingerprints that differs, or None."""
+    names = sorted(set(mine) | set(theirs))
+    differ = [n for n in names if mine.get(n) != theirs.get(n)]
+    if not differ:
+        return None
+    described = []
+    for name in differ:
+        if name == "samples":
+            described.append(f"{theirs.get(name, '?')} samples here, {mine.get(name, '?')} at "
+                             "the dispatcher")
+        elif name.startswith("class ") and (name not in mine or name not in theirs):
+            described.append(f"{name} exists only {'here' if name in theirs else 'there'}")
+        else:
+            described.append(f"{name} differs")
+    return "the dataset differs from the dispatcher's: " + "; ".join(described)
 
 
 def _describe(exc: BaseException) -> str:
@@ -65,6 +90,20 @@ class Dataset(ABC):
             bad = indices[(indices < 0) | (indices >= len(self))][0]
             raise IndexError(f"sample index {bad} out of range for a dataset of {len(self)}")
         return self._labels[indices]
+
+    def fingerprint(self) -> dict[str, str]:
+        """What identifies this dataset's content, part by part (``samples``, ``classes`` and
+        the parts :meth:`_content` names): the same for every host's view of the same data,
+        different when a file, a size, a pixel or a label changed. Computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            parts = {"samples": str(len(self)),
+                     "classes": _digest("\n".join(self.classes) or str(self.num_classes))}
+            parts.update(self._content())
+            self._fingerprint = parts
+        return dict(self._fingerprint)
+
+    def _content(self) -> dict[str, str]:
+        return {"labels": _digest(self._labels.tobytes())}
 
     @abstractmethod
     def path(self, i: int) -> str:
@@ -141,6 +180,11 @@ class ArrayDataset(Dataset):
         i = self._index(i)
         f = int(np.searchsorted(self._starts, i, side="right")) - 1
         return f"{self._files[f]}[{i - self._starts[f]}]"
+
+    def _content(self) -> dict[str, str]:
+        """The pixels and labels, hashed."""
+        return {"pixels": _digest(np.ascontiguousarray(self._images).data),
+                "labels": _digest(self._labels.tobytes())}
 
     def read(self, i: int) -> np.ndarray:
         """A read-only ``H x W x 3`` view of sample ``i``."""
@@ -340,6 +384,21 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def _content(self) -> dict[str, str]:
+        """Per class folder: its files' paths and sizes, hashed (one stat per file)."""
+        parts = {}
+        for label, name in enumerate(self.classes):
+            lines = []
+            for f in self._files[self._labels == label]:
+                path = os.path.join(os.fsencode(self.root), f)
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    size = -1
+                lines.append(f + b"\0" + str(size).encode())
+            parts[f"class {name}"] = _digest(b"\n".join(lines))
+        return parts
 
     def path(self, i: int) -> str:
         """Full path of sample ``i``'s file."""

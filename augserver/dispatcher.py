@@ -24,7 +24,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from augserver import protocol, security
 from augserver.config import JobConfig
-from augserver.datasets import Dataset, open_dataset
+from augserver.datasets import Dataset, fingerprint_mismatch, open_dataset
 from augserver.dispatcher_state import (
     DUPLICATE,
     FAILED,
@@ -75,7 +75,9 @@ class Dispatcher:
         self.versions = protocol.pixel_versions()
         self.welcome = protocol.encode(
             "welcome", config=config.to_dict(), dataset_len=len(dataset), classes=classes,
+            dataset=dataset.fingerprint(),
         )
+        self.fingerprint = dataset.fingerprint()
         self.started = time.monotonic()
         self.supervisor: Supervised | None = None
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()
@@ -210,6 +212,10 @@ class Dispatcher:
 
     def _housekeeping(self, now: float) -> None:
         """Declare silent workers dead and forget silent clients."""
+        for stream, reason in self.state.unserved(now):
+            log.error("stream %s fails: %s", stream.id, reason)
+            self._send(stream.client, protocol.encode(
+                "error", message=reason, stream=stream.id, fatal=True))
         for peer, silence in self.state.expired(now):
             if peer.role == "worker":
                 log.warning("worker %s declared dead after %.1f s of silence; re-issuing %d "
@@ -272,6 +278,13 @@ class Dispatcher:
     # ------------------------------------------------------------------ workers
 
     def _ready(self, worker: Peer, message: protocol.Message) -> None:
+        """A worker asks for tasks: only one whose view of the dataset is the dispatcher's."""
+        mismatch = fingerprint_mismatch(self.fingerprint, message["dataset"])
+        if mismatch is not None:
+            log.warning("worker %s refused: %s", worker.name, mismatch)
+            self.state.refused(worker, mismatch)
+            self._refuse(worker.ident, mismatch)
+            return
         self.state.ready(worker, message["slots"])
 
     def _beat(self, worker: Peer, message: protocol.Message) -> None:

@@ -56,6 +56,8 @@ MAX_STREAMS = 64
 """Streams one client may have open at once."""
 MAX_WORLD_SIZE = 1 << 16
 """Largest world size a stream may ask for (a plan holds about len + world_size indices)."""
+RECENT_REFUSALS = 5
+"""Reasons workers were refused, kept to explain a stream no worker can serve."""
 MAX_NAME = 256
 """Longest stream id (and peer name, which is cut) accepted."""
 
@@ -72,6 +74,7 @@ class Stream:
     cap: int
     pending: list[int]  # a heap of positions
     remaining: int
+    opened: float = 0.0
     in_flight: dict[int, int] = field(default_factory=dict)  # position -> task id
     delivered: set[int] = field(default_factory=set)
     alive: bool = True
@@ -160,6 +163,8 @@ class DispatcherState:
         self.counters = Counters()
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         self.ended: dict[int, bytes] = {}  # tasks out when their stream ended -> their worker
+        self.refusals: deque[str] = deque(maxlen=RECENT_REFUSALS)  # why workers were refused
+        self.served_at: float | None = None  # last time some worker could take tasks
 
     # ------------------------------------------------------------------ peers
 
@@ -191,6 +196,29 @@ class DispatcherState:
         timeout = {"worker": self.limits.heartbeat_timeout, "client": CLIENT_TIMEOUT}
         return [(p, now - p.last_seen) for p in self.peers.values()
                 if now - p.last_seen > timeout[p.role]]
+
+    def refused(self, worker: Peer, reason: str) -> None:
+        """``worker`` may not serve this job (its dataset differs, say): forget it, keep why."""
+        self.refusals.append(f"worker {worker.name}: {reason}")
+        self.forget(worker.ident)
+
+    def unserved(self, now: float) -> list[tuple[Stream, str]]:
+        """Streams with batches to go that no worker could take for
+        ``limits.no_worker_seconds``: dropped, each with the reason for its client."""
+        if any(p.role == "worker" and not p.warming for p in self.peers.values()):
+            self.served_at = now
+            return []
+        limit = self.limits.no_worker_seconds
+        starving = [s for s in self.streams.values()
+                    if now - max(s.opened, self.served_at or s.opened) > limit]
+        if not starving:
+            return []
+        why = ("; ".join(self.refusals) if self.refusals else
+               "no worker has joined (start some: augserver worker --connect ADDRESS)")
+        reason = f"no worker could serve this stream for {limit:g} s: {why}"
+        for stream in starving:
+            self.drop_stream(stream)
+        return [(stream, reason) for stream in starving]
 
     # ------------------------------------------------------------------ workers
 
@@ -307,7 +335,7 @@ class DispatcherState:
         if not pending:
             return OpenOutcome(num_batches=num_batches)
         stream = Stream(client.ident, sid, plan, fields["ordered"],
-                        min(fields["credits"], self.cap), self.cap, pending, len(pending))
+                        min(fields["credits"], self.cap), self.cap, pending, len(pending), now)
         client.streams[sid] = stream
         self.streams[(client.ident, sid)] = stream
         stream.meter.credits(now, stream.credits)

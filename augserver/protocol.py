@@ -10,8 +10,10 @@ Everyone connects to the dispatcher's one ROUTER socket with a DEALER socket and
 ``hello`` (its role and the versions that decide pixel bytes). The conversations:
 
 worker                                   dispatcher
-  hello{role=worker, versions}    ->     <- welcome{config, dataset_len, classes} | refused{reason}
-  ready{slots}                    ->       <- task{task, epoch, indices}        (at most slots)
+  hello{role=worker, versions}    ->       <- welcome{config, dataset_len, classes, dataset}
+                                           <- refused{reason}
+  ready{slots, dataset}           ->       <- task{task, epoch, indices}  (at most slots)
+                                           <- refused{reason}  (the dataset differs)
   result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices;
                                               a result gives back the slot its task used)
   heartbeat{}  every interval     ->       <- heartbeat{} | reset{reason} (unknown worker)
@@ -47,7 +49,8 @@ import numpy as np
 from augserver.errors import ProtocolError
 
 PROTOCOL_VERSION = 2
-"""2: ``welcome`` names the dataset's classes."""
+"""2: ``welcome`` names the dataset's classes; ``welcome`` and ``ready`` carry the dataset's
+fingerprint (:meth:`augserver.datasets.Dataset.fingerprint`)."""
 MAX_HEADER_BYTES = 1 << 20
 """Largest frame 0 accepted (a task or a batch header with its index list fits easily)."""
 MAX_ARRAYS = 8
@@ -121,11 +124,12 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "versions": _str_map,
         "name": _STR,
     },
-    "welcome": {"config": _DICT, "dataset_len": _non_negative_int, "classes": _str_list},
+    "welcome": {"config": _DICT, "dataset_len": _non_negative_int, "classes": _str_list,
+                "dataset": _str_map},
     "refused": {"reason": _STR},
     "reset": {"reason": _STR},
     "error": {"message": _STR, "stream": _optional_str, "fatal": _BOOL},
-    "ready": {"slots": _positive_int},
+    "ready": {"slots": _positive_int, "dataset": _str_map},
     "task": {"task": _non_negative_int, "epoch": _non_negative_int, "indices": _int_list},
     "result": {"task": _non_negative_int, "failed": _failures},
     "heartbeat": {},

@@ -46,7 +46,7 @@ from augserver import protocol, session
 from augserver.augmix import augmix_views, sample_rng
 from augserver.batch import INDICES_DTYPE
 from augserver.config import JobConfig, Limits, config_from_dict
-from augserver.datasets import Dataset, open_dataset
+from augserver.datasets import Dataset, fingerprint_mismatch, open_dataset
 from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTimeout
 from augserver.kernels_cache import KernelLoad, load_kernels
 from augserver.preprocessing import preprocess
@@ -390,6 +390,9 @@ class Worker:
                     f"dataset {config.dataset.path} has {len(dataset)} samples here but "
                     f"{message['dataset_len']} at the dispatcher"
                 )
+            mismatch = fingerprint_mismatch(message["dataset"], dataset.fingerprint())
+            if mismatch is not None:  # the dispatcher refuses it too, and says why
+                log.error("worker %s: %s", self.name, mismatch)
             self.job = Job(config, dataset, raw)
             # Pillow's own bomb check stays above the job's limit (make_batch applies that)
             Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0,
@@ -405,7 +408,8 @@ class Worker:
         assert self.job is not None
         if self.ready_sent or not self.kernels.done():
             return
-        self._send(protocol.encode("ready", slots=self.job.config.limits.worker_slots))
+        self._send(protocol.encode("ready", slots=self.job.config.limits.worker_slots,
+                                   dataset=self.job.dataset.fingerprint()))
         self.ready_sent = True
 
     # ------------------------------------------------------------------ serving

@@ -207,7 +207,7 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
     job = config_from_dict(welcome["config"], check_paths=False)
     pixels = np.zeros_like(job.layout.empty_views(job.batch_size))
     labels = np.zeros(job.batch_size, np.int64)
-    sock.send_multipart(protocol.encode("ready", slots=4))
+    sock.send_multipart(protocol.encode("ready", slots=4, dataset=welcome["dataset"]))
     last_beat = time.monotonic()
     while not stop.is_set():
         if time.monotonic() - last_beat > 0.5:

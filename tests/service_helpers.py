@@ -308,7 +308,15 @@ class RawClient:
               version: int = protocol.PROTOCOL_VERSION) -> protocol.Message:
         self.send("hello", role=role, protocol=version, name=f"raw-{role}",
                   versions=protocol.pixel_versions() if versions is None else versions)
-        return self.expect("welcome", "refused", "status")
+        answer = self.expect("welcome", "refused", "status")
+        if answer.type == "welcome":
+            self.welcome = answer
+        return answer
+
+    def ready(self, slots: int, dataset: dict[str, str] | None = None) -> None:
+        """A worker's ``ready``, with the dispatcher's own dataset fingerprint by default."""
+        self.send("ready", slots=slots, dataset=self.welcome["dataset"] if dataset is None
+                  else dataset)
 
     def open(self, stream: str = "s", epoch: int = 0, rank: int = 0, world_size: int = 1,
              credits: int = 1000, done: list[list[int]] | None = None,

@@ -284,13 +284,13 @@ def test_malformed_messages_while_a_stream_runs(tmp_path: Path) -> None:
         # A worker that returns a result of the wrong shape: malformed, and re-issued.
         with RawClient(d.address) as bad:
             bad.hello("worker")
-            bad.send("ready", slots=1)
+            bad.ready(1)
             task = bad.expect("task")
             bad.send("result", blank_result(task["indices"], side=31), task=task["task"],
                      failed=[])
             error = bad.expect("error")
             assert not error["fatal"] and "re-issued" in error["message"]
-            bad.send("ready", slots=1)
+            bad.ready(1)
             again = bad.expect("task")
             assert again["task"] > task["task"] and again["indices"] == task["indices"]
         # A known peer's malformed messages are each answered with a non-fatal error.
@@ -336,7 +336,7 @@ def test_results_that_do_not_match_their_task_are_named_and_reissued(tmp_path: P
                 (lambda v, lab, idx: [v[:1], lab, idx], "views are uint8[1,"),
                 (lambda v, lab, idx: [v, lab, idx + 1], "do not match the task's indices"),
             ]
-            w.send("ready", slots=1)  # one slot: each result gives it back
+            w.ready(1)  # one slot: each result gives it back
             for build, problem in wrong:
                 task = w.expect("task")
                 w.send("result", build(*blank_result(task["indices"])), task=task["task"],

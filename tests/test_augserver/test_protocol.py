@@ -111,7 +111,7 @@ def test_encode_refuses_bad_fields_and_dtypes() -> None:
         ([header("credit", stream="s", n="1")], "invalid value for field 'n'"),
         ([header("credit", stream="s", n=True)], "invalid value for field 'n'"),
         ([header("credit", stream="s", n=0)], "invalid value for field 'n'"),
-        ([header("ready", slots=-1)], "invalid value for field 'slots'"),
+        ([header("ready", slots=-1, dataset={})], "invalid value for field 'slots'"),
         ([header("hello", role="admin", protocol=1, versions={}, name="x")], "'role'"),
         ([header("hello", role="worker", protocol=1, versions={"a": 1}, name="x")],
          "'versions'"),

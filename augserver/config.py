@@ -39,6 +39,8 @@ The full file, every key at its default (only ``dataset`` is required)::
                                      # with its path, error_policy applies), never retried
       no_worker_seconds: 120.0       # a stream no worker could serve this long fails, saying
                                      # why (workers refused, or none joined)
+      task_seconds: 300.0            # a task held longer than this, and 10x longer than the
+                                     # median task, is re-issued (its late result dropped)
       max_image_pixels: 89478485     # larger images are refused before they are decoded
                                      # (decompression bombs; bounds a worker's memory)
     security:                 # CURVE encryption + authentication; turn on for traffic that
@@ -100,6 +102,7 @@ class Limits:
     max_prefetch_bytes: int = 2**30
     sample_seconds: float = 60.0
     no_worker_seconds: float = 120.0
+    task_seconds: float = 300.0
     max_image_pixels: int = 89_478_485
 
     @property
@@ -404,6 +407,7 @@ def config_from_dict(
             max_prefetch_bytes=r.integer(limits, "limits.max_prefetch_bytes", 1),
             sample_seconds=r.number(limits, "limits.sample_seconds"),
             no_worker_seconds=r.number(limits, "limits.no_worker_seconds"),
+            task_seconds=r.number(limits, "limits.task_seconds"),
             max_image_pixels=r.integer(limits, "limits.max_image_pixels", 1),
         ),
         security=_security(r, data.get("security"), check_paths, base_dir),

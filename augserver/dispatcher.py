@@ -212,6 +212,10 @@ class Dispatcher:
 
     def _housekeeping(self, now: float) -> None:
         """Declare silent workers dead and forget silent clients."""
+        for task in self.state.stalled(now):
+            log.warning("task %d (batch %d of stream %s) held by %s for more than %.0f s; "
+                        "re-issued", task.id, task.position, task.stream.id,
+                        self._who(task.worker), self.state.stall_limit())
         for stream, reason in self.state.unserved(now):
             log.error("stream %s fails: %s", stream.id, reason)
             self._send(stream.client, protocol.encode(
@@ -351,7 +355,7 @@ class Dispatcher:
         tasks go back to their streams), and what it would have had is assigned again."""
         while True:
             unreachable = False
-            for task in self.state.schedule():
+            for task in self.state.schedule(time.monotonic()):
                 if task.id in self.state.tasks and not self._send(task.worker, _task_message(task)):
                     unreachable = True
             if not unreachable:

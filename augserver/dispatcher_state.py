@@ -56,6 +56,10 @@ MAX_STREAMS = 64
 """Streams one client may have open at once."""
 MAX_WORLD_SIZE = 1 << 16
 """Largest world size a stream may ask for (a plan holds about len + world_size indices)."""
+RECENT_DURATIONS = 200
+"""Task durations kept to tell a stalled task from a slow one."""
+STALL_FACTOR = 10.0
+"""A task out this many times longer than the typical (median) task is re-issued."""
 RECENT_REFUSALS = 5
 """Reasons workers were refused, kept to explain a stream no worker can serve."""
 MAX_NAME = 256
@@ -93,6 +97,7 @@ class Task:
     position: int
     batch: np.ndarray  # int64 dataset indices
     worker: bytes
+    issued: float = 0.0
 
 
 @dataclass(eq=False)
@@ -165,6 +170,7 @@ class DispatcherState:
         self.ended: dict[int, bytes] = {}  # tasks out when their stream ended -> their worker
         self.refusals: deque[str] = deque(maxlen=RECENT_REFUSALS)  # why workers were refused
         self.served_at: float | None = None  # last time some worker could take tasks
+        self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # seconds per task
 
     # ------------------------------------------------------------------ peers
 
@@ -260,6 +266,7 @@ class DispatcherState:
         if failed and (self.config.error_policy == "fail" or samples < len(task.batch)):
             self.drop_stream(stream)
             return ResultOutcome(FAILED, task, self._failure_message(task, message))
+        self.durations.append(now - task.issued)
         stream.credits -= 1
         stream.meter.delivered(now, samples, stream.credits)
         stream.delivered.add(task.position)
@@ -373,10 +380,35 @@ class DispatcherState:
 
     # ------------------------------------------------------------------ scheduling
 
-    def schedule(self) -> list[Task]:
+    def stall_limit(self) -> float:
+        """Seconds after which a task still out is taken as stalled: :data:`STALL_FACTOR` times
+        the median of recent task durations, never less than ``limits.task_seconds``."""
+        floor = self.limits.task_seconds
+        if not self.durations:
+            return floor
+        return max(floor, STALL_FACTOR * float(np.median(self.durations)))
+
+    def stalled(self, now: float) -> list[Task]:
+        """Re-issue the tasks out longer than :meth:`stall_limit` (a worker that heartbeats
+        but never answers keeps none for ever); their late results are dropped. The worker's
+        slot stays taken until it answers, so a worker that never does gets nothing more."""
+        limit = self.stall_limit()
+        late = [t for t in self.tasks.values() if now - t.issued > limit]
+        for task in late:
+            del self.tasks[task.id]
+            worker = self.peers.get(task.worker)
+            if worker is not None:
+                worker.tasks.discard(task.id)
+            del task.stream.in_flight[task.position]
+            heapq.heappush(task.stream.pending, task.position)
+            self.counters.tasks_reissued += 1
+            self.counters.tasks_stalled += 1
+        return late
+
+    def schedule(self, now: float = 0.0) -> list[Task]:
         """Assign tasks while some worker has a free slot and some stream may take one: one
         task per worker per round, the workers with the most free slots first. Returns the
-        new tasks, in order, for the shell to send."""
+        new tasks, in order, for the shell to send; ``now`` is when they go out."""
         assigned: list[Task] = []
         if not self.streams:
             return assigned
@@ -387,7 +419,7 @@ class DispatcherState:
                 stream = self._next_stream()
                 if stream is None:
                     return assigned
-                assigned.append(self._assign(worker, stream))
+                assigned.append(self._assign(worker, stream, now))
             idle = [w for w in idle if w.free > 0]
         return assigned
 
@@ -400,10 +432,10 @@ class DispatcherState:
                 return stream
         return None
 
-    def _assign(self, worker: Peer, stream: Stream) -> Task:
+    def _assign(self, worker: Peer, stream: Stream, now: float) -> Task:
         position = heapq.heappop(stream.pending)
         task = Task(next(self.task_ids), stream, position, stream.plan.batch(position),
-                    worker.ident)
+                    worker.ident, now)
         self.tasks[task.id] = task
         stream.in_flight[position] = task.id
         worker.tasks.add(task.id)

@@ -29,6 +29,8 @@ class Counters:
     tasks_reissued: int = _counter(
         "Tasks re-issued after a worker died or returned a bad result.")
     duplicates_dropped: int = _counter("Stale or duplicate results dropped.")
+    tasks_stalled: int = _counter(
+        "Tasks re-issued because their worker held them far longer than tasks take.")
     late_results: int = _counter("Results for streams that had ended or failed, dropped.")
     samples_failed: int = _counter("Samples that could not be read or decoded.")
     malformed_messages: int = _counter("Malformed messages received.")

@@ -46,6 +46,7 @@ FULL = {
         "max_prefetch_bytes": 1 << 24,
         "sample_seconds": 5.5,
         "no_worker_seconds": 7.5,
+        "task_seconds": 9.5,
         "max_image_pixels": 4096,
     },
     "security": {"curve": False, "server_key": None, "allow_dir": None},
@@ -162,7 +163,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "tcp://127.0.0.1:6000",
         4,
     )
-    assert config.limits == Limits(1 << 20, 0.25, 5, 1, 1 << 24, 5.5, 7.5, 4096)
+    assert config.limits == Limits(1 << 20, 0.25, 5, 1, 1 << 24, 5.5, 7.5, 9.5, 4096)
     expected = json.loads(json.dumps(FULL))
     expected["dataset"]["path"] = str(tmp_path / "train.npz")
     assert config.to_dict() == expected

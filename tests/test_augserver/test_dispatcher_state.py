@@ -329,3 +329,23 @@ def test_results_for_an_ended_stream_are_late_not_duplicates() -> None:
     assert state.result(w, result(state, second), 1.0).kind == LATE
     assert (state.counters.late_results, state.counters.duplicates_dropped) == (1, 0)
     assert state.ended == {} and w.free == 2  # forgotten once answered; the slots are back
+
+
+def test_a_task_held_far_longer_than_tasks_take_is_reissued_and_its_late_result_dropped() -> None:
+    state, (rogue, honest), client, _ = setup(workers=2, credits=4, limits={
+        "heartbeat_interval": 1.0, "heartbeat_misses": 3, "worker_slots": 2,
+        "task_seconds": 5.0})
+    tasks = state.schedule(0.0)
+    for task in [t for t in tasks if t.worker == honest.ident]:  # 1 s each
+        assert state.result(honest, result(state, task), 1.0).kind == RELAY
+    state.credit(client, "s", 2, 1.0)
+    assert state.stall_limit() == 10.0  # 10 x the median of 1 s, above the 5 s floor
+    assert state.stalled(9.0) == []
+    held = [t for t in tasks if t.worker == rogue.ident]
+    assert sorted(t.id for t in state.stalled(10.5)) == sorted(t.id for t in held)
+    assert state.counters.tasks_stalled == 2 and rogue.tasks == set()
+    check_invariants(state)
+    again = state.schedule(10.5)  # to the honest worker: the rogue's slots stay taken
+    assert {t.position for t in again} >= {t.position for t in held}
+    assert all(t.worker == honest.ident for t in again)
+    assert state.result(rogue, result(state, held[0]), 11.0).kind == DUPLICATE

@@ -33,6 +33,18 @@ def check_endpoint(address: str, *, bind: bool) -> str:
     return address
 
 
+def is_local(address: str) -> bool:
+    """Whether only this host can reach ``address``: ipc:// and inproc://, or tcp:// on a
+    loopback host (127.x.x.x, localhost, ::1). A wildcard (``*``, 0.0.0.0, ::) is not."""
+    if _LOCAL.fullmatch(address):
+        return True
+    match = _TCP.fullmatch(address)
+    if match is None:
+        return False
+    host = match[1].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def connect_address(text: str) -> str:
     """argparse type: a dispatcher address to connect to (see :func:`check_endpoint`)."""
     try:

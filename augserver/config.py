@@ -25,7 +25,8 @@ The full file, every key at its default (only ``dataset`` is required)::
     error_policy: skip        # a sample that cannot be read or decoded: skip (report, count,
                               # and put the next readable sample in its place, so batches keep
                               # their size) | fail (end the stream with the error)
-    bind: tcp://0.0.0.0:5555  # the address the dispatcher binds (tcp://, ipc:// or inproc://)
+    bind: tcp://127.0.0.1:5555  # the address the dispatcher binds (tcp://, ipc://, inproc://);
+                              # one other hosts can reach needs security.curve (or .insecure)
     workers: 0                # local worker processes the dispatcher starts and supervises
     limits:
       max_message_bytes: 268435456   # largest incoming ZeroMQ message accepted (ZMQ_MAXMSGSIZE)
@@ -49,6 +50,8 @@ The full file, every key at its default (only ``dataset`` is required)::
                               # `augserver keys`); required with curve
       allow_dir: null         # folder of allowed worker/client public keys (*.key); required
                               # with curve; the dispatcher's own key is always allowed
+      insecure: false         # true: serve other hosts without CURVE (a bind beyond loopback
+                              # is refused otherwise); only on a network you trust
     metrics:
       bind: null              # HOST:PORT (e.g. 0.0.0.0:9100) to serve Prometheus metrics at
                               # http://HOST:PORT/metrics; null: no metrics endpoint
@@ -78,7 +81,7 @@ from augserver.errors import ConfigError
 
 ERROR_POLICIES = ("skip", "fail")
 AUGMENT = ("augmix", "none")
-DEFAULT_BIND = "tcp://0.0.0.0:5555"
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
 _MAX_INT = 2**63 - 1  # what msgpack and ZeroMQ's int64 options hold
 
 
@@ -118,6 +121,8 @@ class Security:
     curve: bool = False
     server_key: str | None = None
     allow_dir: str | None = None
+    insecure: bool = False
+    """Serve peers from other hosts without CURVE: an explicit opt-out, logged as a warning."""
 
 
 @dataclass(frozen=True)
@@ -324,7 +329,7 @@ def _security(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) ->
     if curve and allow_dir is None:
         r.fail("security.allow_dir", "required with curve: true (a directory of allowed "
                "worker and client public keys)")
-    return Security(curve, server_key, allow_dir)
+    return Security(curve, server_key, allow_dir, r.flag(data, "security.insecure"))
 
 
 def _metrics(r: _Reader, data: Any) -> MetricsConfig:

@@ -23,6 +23,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from augserver import protocol, security
+from augserver.addresses import is_local
 from augserver.config import JobConfig
 from augserver.datasets import Dataset, fingerprint_mismatch, open_dataset
 from augserver.dispatcher_state import (
@@ -67,6 +68,7 @@ class Dispatcher:
     """
 
     def __init__(self, config: JobConfig) -> None:
+        _check_exposure(config)
         self.config = config
         self.limits = config.limits
         dataset = _open_job_dataset(config)
@@ -397,6 +399,24 @@ def _task_message(task: Task) -> list[Any]:
 def class_names(dataset: Dataset) -> list[str]:
     """The names of the dataset's classes, by label; unnamed classes (an npz) by number."""
     return list(dataset.classes) or [str(i) for i in range(dataset.num_classes)]
+
+
+def _check_exposure(config: JobConfig) -> None:
+    """Secure by default: a bind other hosts can reach needs CURVE, or the job's explicit
+    ``security.insecure: true`` (then a warning is logged)."""
+    sec = config.security
+    if sec.curve or is_local(config.bind):
+        return
+    if not sec.insecure:
+        raise ConfigError(
+            f"security: bind {config.bind} accepts peers from other hosts and CURVE is off, so "
+            "any host that reaches the port could join as a worker or a client. Turn CURVE on "
+            "(augserver keys; serve --curve-key KEY --allow DIR, or security.curve), bind a "
+            "loopback address, or, on a network you trust, opt out with "
+            "security.insecure: true", None, "security.insecure")
+    log.warning("SECURITY: %s is open to any host that reaches it, without authentication "
+                "or encryption (security.insecure: true); any peer can join as a worker and "
+                "send pixels and labels to the trainers", config.bind)
 
 
 def _open_job_dataset(config: JobConfig) -> Dataset:

@@ -49,7 +49,7 @@ FULL = {
         "task_seconds": 9.5,
         "max_image_pixels": 4096,
     },
-    "security": {"curve": False, "server_key": None, "allow_dir": None},
+    "security": {"curve": False, "server_key": None, "allow_dir": None, "insecure": True},
     "metrics": {"bind": "127.0.0.1:9100"},
 }
 
@@ -92,7 +92,7 @@ def test_minimal_imagefolder_file_gets_imagenet_defaults(tmp_path: Path) -> None
         seed=0,
         drop_last=False,
         error_policy="skip",
-        bind="tcp://0.0.0.0:5555",
+        bind="tcp://127.0.0.1:5555",  # loopback unless the job says otherwise
         workers=0,
         limits=Limits(
             max_message_bytes=268435456,
@@ -311,7 +311,7 @@ def test_override_fills_a_section_missing_from_the_file(tmp_path: Path) -> None:
 
 def test_none_overrides_are_ignored(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, minimal(workers=2)), {"workers": None, "bind": None})
-    assert (config.workers, config.bind) == (2, "tcp://0.0.0.0:5555")
+    assert (config.workers, config.bind) == (2, "tcp://127.0.0.1:5555")
 
 
 def test_overridden_path_is_relative_to_the_cwd(

@@ -17,6 +17,7 @@ import zmq.auth
 from augserver import worker as worker_module
 from augserver.cli import main
 from augserver.config import ConfigError, load_config
+from augserver.dispatcher import Dispatcher
 from augserver.security import ClientKeys, allowed_keys, create_keys
 from augserver.status import StatusError, request_status
 from augserver.worker import run_worker
@@ -251,3 +252,22 @@ def test_a_malformed_key_in_the_allow_list_is_an_error_naming_the_file(
     assert str(bad) in err and "Traceback" not in err
     bad.unlink()  # the other keys are still admitted
     assert len(allowed_keys(keys["allow"])) == 2
+
+
+def test_a_bind_other_hosts_reach_needs_curve_or_an_explicit_opt_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = make_npz(tmp_path, n=4)
+    open_bind = f"tcp://0.0.0.0:{free_port()}"
+    path = write_config(tmp_path, data, bind=open_bind)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "security.insecure" in err and "CURVE" in err and open_bind in err
+    with caplog.at_level(logging.WARNING, "augserver.dispatcher"):
+        d = Dispatcher(load_config(write_config(tmp_path, data, bind=open_bind,
+                                                security={"insecure": True})))
+        d.close()
+    assert any("SECURITY" in r.getMessage() and open_bind in r.getMessage()
+               for r in caplog.records)
+    for local in ("tcp://127.0.0.1:0", "ipc:///tmp/augserver-test-bind"):
+        Dispatcher(load_config(write_config(tmp_path, data, bind=local))).close()

@@ -483,7 +483,7 @@ def test_silent_client_is_forgotten(tmp_path: Path, monkeypatch: Any) -> None:
 def test_serve_restarts_a_killed_worker_and_status_shows_it(tmp_path: Path) -> None:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    config = write_config(tmp_path, make_npz(tmp_path, n=16))
+    config = write_config(tmp_path, make_npz(tmp_path, n=16), security={"insecure": True})
     serve = spawn(["serve", "--config", str(config), "--bind", f"tcp://0.0.0.0:{port}",
                    "--workers", "2", "--log-level", "WARNING"], stderr=subprocess.PIPE)
     try:

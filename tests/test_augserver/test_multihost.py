@@ -148,7 +148,8 @@ def _start_job(hosts: Hosts, tmp_path: Path) -> None:
     # eat one from its buffer, so a burst of credits spreads over both workers.
     config = write_config(tmp_path, make_npz(tmp_path, N, side=64), batch_size=BATCH, seed=3,
                           preprocess="imagenet",
-                          limits={"heartbeat_interval": 0.2, "heartbeat_misses": 3})
+                          limits={"heartbeat_interval": 0.2, "heartbeat_misses": 3},
+                          security={"insecure": True})  # the test's own namespaced network
     log = tmp_path / "services.log"
     hosts.start("disp", "-m", "augserver", "serve", "--config", str(config), "--bind",
                 f"tcp://0.0.0.0:{PORT}", "--workers", "0", "--log-level", "WARNING", log=log)

@@ -75,11 +75,11 @@ class Dispatcher:
         classes = class_names(dataset)
         self.state = DispatcherState(config, len(dataset), len(classes))
         self.versions = protocol.pixel_versions()
+        self.fingerprint = dataset.fingerprint()
         self.welcome = protocol.encode(
             "welcome", config=config.to_dict(), dataset_len=len(dataset), classes=classes,
-            dataset=dataset.fingerprint(),
+            dataset=self.fingerprint,
         )
-        self.fingerprint = dataset.fingerprint()
         self.started = time.monotonic()
         self.supervisor: Supervised | None = None
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()

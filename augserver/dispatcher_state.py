@@ -295,9 +295,10 @@ class DispatcherState:
         problem = self.layout.problem(message.specs)
         if problem is not None:
             return problem
-        labels = message.arrays[1]
-        if len(labels) and not (labels.min() >= 0 and labels.max() < self.num_classes):
-            return (f"labels {labels.min()}..{labels.max()} are not all classes of this "
+        # int64 (checked above); plain min/max: a numpy array costs more on this hot path
+        labels = memoryview(message.frames[1]).cast("B").cast("q")
+        if len(labels) and not (min(labels) >= 0 and max(labels) < self.num_classes):
+            return (f"labels {min(labels)}..{max(labels)} are not all classes of this "
                     f"dataset (0..{self.num_classes - 1})")
         if message.frames[2].bytes == task.batch.tobytes():
             return None

@@ -1,8 +1,9 @@
 """Prometheus metrics: the dispatcher's stats as text exposition on ``http://HOST:PORT/metrics``.
 
 The dispatcher's loop is single-threaded and owns its state. It refreshes a snapshot (a new
-dict, swapped in by one assignment) on every housekeeping pass; the HTTP server runs in a
-daemon thread and only ever reads the latest snapshot, so a scrape never touches live state.
+:class:`~augserver.stats.DispatcherStats`, swapped in by one assignment) on every housekeeping
+pass; the HTTP server runs in a daemon thread and only ever reads the latest snapshot, so a
+scrape never touches live state.
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ class Worker:
         self.sock: zmq.Socket | None = None
         self.job: Job | None = None
         self.tasks: deque[protocol.Message] = deque()
-        self.last_heard = self.last_beat = self.last_tick = time.monotonic()
+        self.last_heard = self.last_beat = time.monotonic()
         self.busy_tick = _BUSY_TICK
         self.kernels = KernelLoader(name)
         self.ready_sent = False  # on this connection
@@ -471,7 +471,7 @@ class Worker:
         """Heartbeat when due, handle what arrived, notice a silent dispatcher."""
         assert self.job is not None
         limits = self.job.config.limits
-        now = self.last_tick = time.monotonic()
+        now = time.monotonic()
         if now - self.last_beat >= limits.heartbeat_interval:
             self._send(protocol.encode("heartbeat"), quiet=True)
             self.last_beat = now

@@ -483,26 +483,25 @@ def _check_image_shape(shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{what} must be at least {MIN_SIDE}x{MIN_SIDE} pixels, got {h}x{w}")
 
 
+def _check_uint8(array: object, what: str, ndim: int, layout: str) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8, got dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{what} must be {layout}, got shape {array.shape}")
+    _check_image_shape(array.shape, what)
+    return array
+
+
 def check_image(image: object) -> np.ndarray:
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got dtype {image.dtype}")
-    if image.ndim != 3:
-        raise ValueError(f"image must be H x W x 3 (HWC), got shape {image.shape}")
-    _check_image_shape(image.shape, "image")
-    return image
+    """``image`` if it is one uint8 H x W x 3 image of at least :data:`MIN_SIDE` a side."""
+    return _check_uint8(image, "image", 3, "H x W x 3 (HWC)")
 
 
 def check_images(images: object) -> np.ndarray:
-    if not isinstance(images, np.ndarray):
-        raise ValueError(f"images must be a numpy array, got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got dtype {images.dtype}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be N x H x W x 3 (NHWC), got shape {images.shape}")
-    _check_image_shape(images.shape, "images")
-    return images
+    """``images`` if it is a uint8 N x H x W x 3 batch of at least :data:`MIN_SIDE` a side."""
+    return _check_uint8(images, "images", 4, "N x H x W x 3 (NHWC)")
 
 
 def _corrupt(image: np.ndarray, name: str, severity: int, rng, params: str) -> np.ndarray:

@@ -3,8 +3,8 @@
 Workers, ``augserver status`` and the training-side loader all connect a DEALER socket to the
 dispatcher's ROUTER and say ``hello`` (see :mod:`augserver.protocol`); the dispatcher answers
 ``welcome`` (``status`` for the status role) or ``refused``. This module is the one place that
-conversation is written, together with the hint that explains a dispatcher that never answers
-(down, or CURVE keys it does not accept).
+conversation is written, together with the diagnosis of a dispatcher that never answers
+(nothing listening, CURVE required or refused, not a dispatcher).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from augserver import protocol
 from augserver.errors import ProtocolError, RemoteError, SessionTimeout
@@ -42,13 +43,69 @@ ARGUMENTS = KeyNames("curve_key", "server_key")
 """The keyword arguments of ``RemoteAugMixLoader``."""
 
 
-def connection_hint(curve: bool, names: KeyNames = FLAGS) -> str:
-    """Why a dispatcher may never answer: it is down, or CURVE keeps this peer out."""
-    if curve:
-        return (f"if it is up, CURVE authentication failed: check {names.own}, {names.server} "
-                "and that this side's public key is in the dispatcher's allow-list")
-    return (f"if it is up, it may require CURVE keys: pass {names.own} (this side's secret key) "
-            f"and {names.server} (the dispatcher's public key)")
+class ConnectionWatch:
+    """What a socket's monitor saw while a session opens: whether a TCP connection came up and
+    how the ZMTP security handshake ended. It turns a dispatcher that never answers into a
+    diagnosis (nothing listening, CURVE required, CURVE refused, not a dispatcher) instead of a
+    guess."""
+
+    _EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
+        self._monitor: zmq.Socket | None = sock.get_monitor_socket(self._EVENTS)
+        self.connected = False
+        self.handshake = ""
+        """``""`` (none finished yet), ``"ok"``, ``"mechanism"`` (one side uses CURVE, the
+        other not), ``"refused"`` (keys not accepted) or ``"protocol"`` (not ZMTP)."""
+
+    def update(self) -> None:
+        """Read the events the monitor has queued, without waiting."""
+        if self._monitor is None:
+            return
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake = "ok"
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                mismatch = value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                self.handshake = "mechanism" if mismatch else "protocol"
+            else:
+                self.handshake = "refused"
+
+    def close(self) -> None:
+        """Stop monitoring; the socket itself stays open."""
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def diagnosis(self, curve: bool, names: KeyNames = FLAGS) -> str:
+        """Why no dispatcher answered, from what was seen."""
+        self.update()
+        if self.handshake == "mechanism" and not curve:
+            return (f"the dispatcher requires CURVE: pass {names.own} (this side's secret key) "
+                    f"and {names.server} (the dispatcher's public key)")
+        if self.handshake == "mechanism":
+            return (f"the dispatcher does not use CURVE here: drop {names.own} and "
+                    f"{names.server}, or give the dispatcher its security keys")
+        if self.handshake == "refused":
+            return (f"CURVE authentication failed: check that {names.server} is the "
+                    f"dispatcher's public key and that this side's public key ({names.own}) "
+                    "is in the dispatcher's allow-list")
+        if self.handshake == "protocol":
+            return "the peer there does not speak ZeroMQ: is this the dispatcher's address?"
+        if self.handshake == "ok":
+            return ("a peer accepted the connection but did not answer: is it an augserver "
+                    "dispatcher, and is it running?")
+        if self.connected:
+            return "a connection came up but its handshake never finished"
+        return "nothing accepted a connection there: is the dispatcher running at this address?"
 
 
 def dealer(
@@ -104,11 +161,11 @@ def handshake(
     """Say hello on ``sock`` once it is connected and return the dispatcher's answer:
     ``welcome``, or ``status`` for the status role. None when ``stopped()`` turns true.
 
-    Raises :class:`SessionTimeout` (with :func:`connection_hint`) when no connection or no
-    answer comes within ``timeout`` seconds, :class:`Refused` when the dispatcher refuses,
-    :class:`RemoteError` when the answer is not this protocol. Other messages before the
-    answer go to ``on_other``; ``waiting(seconds so far)`` runs every :data:`WAIT_REPORT`
-    seconds while nothing answers.
+    Raises :class:`SessionTimeout` (with a :class:`ConnectionWatch` diagnosis) when no
+    connection or no answer comes within ``timeout`` seconds, :class:`Refused` when the
+    dispatcher refuses, :class:`RemoteError` when the answer is not this protocol. Other
+    messages before the answer go to ``on_other``; ``waiting(seconds so far)`` runs every
+    :data:`WAIT_REPORT` seconds while nothing answers.
     """
     answer = "status" if role == "status" else "welcome"
     start = time.monotonic()
@@ -122,35 +179,41 @@ def handshake(
             next_report = now + WAIT_REPORT
             waiting(now - start)
 
+    watch = ConnectionWatch(sock)
+
     def expired(what: str) -> SessionTimeout:
         return SessionTimeout(f"no augserver dispatcher {what} at {address} within "
-                              f"{timeout:g} s ({connection_hint(curve, names)})")
+                              f"{timeout:g} s ({watch.diagnosis(curve, names)})")
 
-    # Never a blocking send: a connection refused by CURVE can leave the socket no pipe.
-    while not sock.poll(_POLL_MS, zmq.POLLOUT):
-        if stopped():
-            return None
-        if time.monotonic() >= deadline:
-            raise expired("reachable")
-        report()
-    sock.send_multipart(hello(role, name), flags=zmq.NOBLOCK)
-    while not stopped():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise expired("answered")
-        if not sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1, zmq.POLLIN):
+    try:
+        # Never a blocking send: a connection refused by CURVE can leave the socket no pipe.
+        while not sock.poll(_POLL_MS, zmq.POLLOUT):
+            if stopped():
+                return None
+            if time.monotonic() >= deadline:
+                raise expired("reachable")
             report()
-            continue
-        try:
-            message = protocol.decode(sock.recv_multipart(copy=False))
-        except ProtocolError as exc:
-            raise RemoteError(f"the peer at {address} speaks another protocol: {exc}") from None
-        if message.type == answer:
-            return message
-        if message.type == "refused":
-            raise Refused(f"the dispatcher at {address} refused this {role}: "
-                          f"{message['reason']}")
-        if message.type == "error" and role == "status":
-            raise Refused(f"the dispatcher at {address} refused: {message['message']}")
-        on_other(message)
-    return None
+        sock.send_multipart(hello(role, name), flags=zmq.NOBLOCK)
+        while not stopped():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise expired("answered")
+            if not sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1, zmq.POLLIN):
+                report()
+                continue
+            try:
+                message = protocol.decode(sock.recv_multipart(copy=False))
+            except ProtocolError as exc:
+                raise RemoteError(f"the peer at {address} speaks another protocol: "
+                                  f"{exc}") from None
+            if message.type == answer:
+                return message
+            if message.type == "refused":
+                raise Refused(f"the dispatcher at {address} refused this {role}: "
+                              f"{message['reason']}")
+            if message.type == "error" and role == "status":
+                raise Refused(f"the dispatcher at {address} refused: {message['message']}")
+            on_other(message)
+        return None
+    finally:
+        watch.close()

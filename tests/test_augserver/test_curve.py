@@ -115,7 +115,7 @@ def test_allowed_peers_get_an_epoch_and_strangers_are_refused(
                                           server_key=keys["server"][0])
             with pytest.raises(TimeoutError, match="CURVE authentication failed"):
                 len(stranger)
-            with pytest.raises(TimeoutError, match="may require CURVE"):
+            with pytest.raises(TimeoutError, match="the dispatcher requires CURVE: pass curve_key"):
                 len(RemoteAugMixLoader(dispatcher.address, timeout=1.0))
             # The dispatcher never saw the strangers and still serves the allowed client.
             again = RemoteAugMixLoader(dispatcher.address, epoch=1, timeout=20, **trusted)
@@ -159,7 +159,7 @@ def test_a_worker_without_an_allowed_key_cannot_join(
         with pytest.raises(StatusError, match="CURVE"):
             request_status(dispatcher.address, 0.5)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("nokey" in m and "require CURVE keys" in m for m in messages)
+    assert any("nokey" in m and "the dispatcher requires CURVE: pass --key" in m for m in messages)
     assert any("stranger" in m and "allow-list" in m for m in messages)
 
 

@@ -35,7 +35,13 @@ The full file, every key at its default (only ``dataset`` is required)::
                                      # and its tasks are re-issued
       worker_slots: 2                # tasks a worker may hold at once, >= 1
       max_prefetch_bytes: 1073741824 # cap on what the dispatcher holds or has in flight for
-                                     # one client stream, in bytes
+                                     # one client, over all its streams, in bytes
+      max_held_bytes: 4294967296     # cap on what the dispatcher holds or has in flight for
+                                     # all peers together, in bytes
+      max_streams_per_client: 16     # streams one client may have open at once
+      max_unread_replies: 64         # replies a peer may leave unread; beyond, they are
+                                     # dropped (logged): a peer that never reads cannot grow
+                                     # the dispatcher
       sample_seconds: 60.0           # a sample that takes longer to make is failed (reported
                                      # with its path, error_policy applies), never retried
       no_worker_seconds: 120.0       # a stream no worker could serve this long fails, saying
@@ -103,6 +109,9 @@ class Limits:
     heartbeat_misses: int = 3
     worker_slots: int = 2
     max_prefetch_bytes: int = 2**30
+    max_held_bytes: int = 2**32
+    max_streams_per_client: int = 16
+    max_unread_replies: int = 64
     sample_seconds: float = 60.0
     no_worker_seconds: float = 120.0
     task_seconds: float = 300.0
@@ -410,6 +419,9 @@ def config_from_dict(
             heartbeat_misses=r.integer(limits, "limits.heartbeat_misses", 1),
             worker_slots=r.integer(limits, "limits.worker_slots", 1),
             max_prefetch_bytes=r.integer(limits, "limits.max_prefetch_bytes", 1),
+            max_held_bytes=r.integer(limits, "limits.max_held_bytes", 1),
+            max_streams_per_client=r.integer(limits, "limits.max_streams_per_client", 1),
+            max_unread_replies=r.integer(limits, "limits.max_unread_replies", 1),
             sample_seconds=r.number(limits, "limits.sample_seconds"),
             no_worker_seconds=r.number(limits, "limits.no_worker_seconds"),
             task_seconds=r.number(limits, "limits.task_seconds"),

@@ -9,6 +9,13 @@ length, rank, world size)`` and the positions the client says it already has.
 
 A malformed message is logged, counted and answered with a non-fatal ``error`` when its sender
 is known; an unreachable peer is forgotten; nothing a peer sends can stop the loop.
+
+Every message sent is stamped with a receipt and counted in its peer's outbox until the peer
+returns that receipt (:mod:`augserver.outbox`): replies to a peer that leaves
+``limits.max_unread_replies`` of them unread are dropped (logged), batches are never dropped
+and the state keeps them within its byte budgets. A peer that is gone while data sent to it is
+still unread, or silent, is probed every :data:`PROBE_SECONDS` until ZeroMQ says its
+connection is closed, which frees what it held.
 """
 
 from __future__ import annotations
@@ -42,8 +49,12 @@ from augserver.stats import DispatcherStats
 log = logging.getLogger("augserver.dispatcher")
 
 _BURST = 256  # messages handled between housekeeping checks
-_HEARTBEAT = protocol.encode("heartbeat")
-_PONG = protocol.encode("pong")
+PROBE_SECONDS = 2.0
+"""Seconds between two probes of a gone peer that still holds unread data."""
+INBOUND_MESSAGES = 16
+"""Messages ZeroMQ queues from one peer before it stops reading that peer's connection (the
+peer then waits: nothing is lost). A worker sends at most its slots' results and a heartbeat
+at a time, a client its grants and a ping: this is ample for any peer that is not flooding."""
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # plain ints: no enum arithmetic
 
 
@@ -76,11 +87,11 @@ class Dispatcher:
         self.state = DispatcherState(config, len(dataset), len(classes))
         self.versions = protocol.pixel_versions()
         self.fingerprint = dataset.fingerprint()
-        self.welcome = protocol.encode(
-            "welcome", config=config.to_dict(), dataset_len=len(dataset), classes=classes,
-            dataset=self.fingerprint,
-        )
+        self.welcome = {"config": config.to_dict(), "dataset_len": len(dataset),
+                        "classes": classes, "dataset": self.fingerprint}
+        protocol.check_fields("welcome", self.welcome)
         self.started = time.monotonic()
+        self.next_probe = 0.0
         self.supervisor: Supervised | None = None
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()
         self.context = zmq.Context()
@@ -97,10 +108,10 @@ class Dispatcher:
     def _bind(self, address: str) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # what goes out is bounded by the outboxes instead
+        sock.setsockopt(zmq.RCVHWM, INBOUND_MESSAGES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_inbound_bytes())
         self.auth: ThreadAuthenticator | None = None
         try:
             self.auth = self._secure(sock)
@@ -114,6 +125,13 @@ class Dispatcher:
                 raise
             raise OSError(f"cannot bind {address}: {exc}") from None
         return sock
+
+    def max_inbound_bytes(self) -> int:
+        """The largest message accepted: ``limits.max_message_bytes``, and never more than
+        the job's largest valid message (a full batch's result with the largest header), so
+        that what one peer can queue here is :data:`INBOUND_MESSAGES` of those at most."""
+        largest = self.state.batch_bytes + protocol.MAX_HEADER_BYTES
+        return min(self.limits.max_message_bytes, largest)
 
     def _secure(self, sock: zmq.Socket) -> ThreadAuthenticator | None:
         """With ``security.curve``: make ``sock`` a CURVE server behind a ZAP allow-list."""
@@ -191,13 +209,14 @@ class Dispatcher:
                                     f"this dispatcher speaks protocol {protocol.PROTOCOL_VERSION}")
                 return
             raise MessageError(str(exc)) from None
+        self.state.outboxes.seen(ident, message.receipt)
         if message.type == "hello":
             self._hello(ident, message)
             return
         peer = self.state.peers.get(ident)
         if peer is None:
-            self._send(ident, protocol.encode(
-                "reset", reason=f"unknown peer sent {message.type}; say hello first"))
+            self._reply(ident, "reset", reason=f"unknown peer sent {message.type}; "
+                                               "say hello first")
             return
         peer.last_seen = time.monotonic()
         handler = self.handlers[peer.role].get(message.type)
@@ -209,8 +228,8 @@ class Dispatcher:
         self.state.counters.malformed_messages += 1
         log.warning("malformed message from %s: %s", self._who(ident), problem)
         if ident in self.state.peers:
-            self._send(ident, protocol.encode(
-                "error", message=f"malformed message: {problem}", stream=None, fatal=False))
+            self._reply(ident, "error", message=f"malformed message: {problem}", stream=None,
+                        fatal=False)
 
     def _housekeeping(self, now: float) -> None:
         """Declare silent workers dead and forget silent clients."""
@@ -220,8 +239,7 @@ class Dispatcher:
                         self._who(task.worker), self.state.stall_limit())
         for stream, reason in self.state.unserved(now):
             log.error("stream %s fails: %s", stream.id, reason)
-            self._send(stream.client, protocol.encode(
-                "error", message=reason, stream=stream.id, fatal=True))
+            self._reply(stream.client, "error", message=reason, stream=stream.id, fatal=True)
         for peer, silence in self.state.expired(now):
             if peer.role == "worker":
                 log.warning("worker %s declared dead after %.1f s of silence; re-issuing %d "
@@ -232,6 +250,9 @@ class Dispatcher:
                 log.log(level, "client %s silent for %.0f s; forgetting it and its %d streams",
                         peer.name, silence, len(peer.streams))
             self.state.forget(peer.ident)
+        if now >= self.next_probe:
+            self.next_probe = now + PROBE_SECONDS
+            self._probe_holders(now)
         self._schedule()
         if self.snapshot is not None:
             self.snapshot = self.stats()  # one assignment: readers see the old or the new
@@ -246,7 +267,7 @@ class Dispatcher:
             return
         self.state.forget(ident)
         if role == "status":
-            self._send(ident, protocol.encode("status", stats=self.stats().to_dict()))
+            self._reply(ident, "status", stats=self.stats().to_dict())
             return
         if role == "worker":
             mismatch = protocol.version_mismatch(self.versions, message["versions"])
@@ -256,17 +277,44 @@ class Dispatcher:
                 return
         self.state.join(ident, role, name, time.monotonic())
         log.info("%s %s joined", role, name)
-        self._send(ident, self.welcome)
+        self._reply(ident, "welcome", **self.welcome)
 
     def _refuse(self, ident: bytes, reason: str) -> None:
-        self._send(ident, protocol.encode("refused", reason=reason))
+        self._reply(ident, "refused", reason=reason)
 
     def _who(self, ident: bytes) -> str:
         peer = self.state.peers.get(ident)
         return f"{peer.role} {peer.name}" if peer else f"unknown peer {ident.hex()}"
 
+    def _reply(self, ident: bytes, mtype: str, **fields: Any) -> bool:
+        """Send a reply (anything but data) unless ``ident`` leaves too many unread: then it
+        is dropped and counted, logged when the peer starts to lose replies."""
+        frames = protocol.pack(mtype, (), fields)
+        outboxes = self.state.outboxes
+        receipt = outboxes.reply(ident, protocol.size(frames))
+        if receipt is None:
+            self.state.counters.replies_dropped += 1
+            if outboxes.dropping(ident) == 1:
+                log.warning("%s leaves %d replies unread: dropping its replies until it reads "
+                            "(limits.max_unread_replies)", self._who(ident),
+                            outboxes.unread_replies(ident))
+            return False
+        return self._send(ident, protocol.pack(mtype, (), fields, receipt))
+
+    def _probe_holders(self, now: float) -> None:
+        """Probe the peers that hold unread data and are gone, or silent for
+        :data:`PROBE_SECONDS`: a closed connection shows as unreachable, and what ZeroMQ held
+        for it is freed (a live client takes the probe, a ``pong``, as a keepalive)."""
+        for ident in self.state.outboxes.holding():
+            peer = self.state.peers.get(ident)
+            if peer is None:
+                self._reply(ident, "reset", reason="this dispatcher does not know you; "
+                                                   "say hello first")
+            elif now - peer.last_seen > PROBE_SECONDS:
+                self._reply(ident, "pong")
+
     def _send(self, ident: bytes, frames: list[Any]) -> bool:
-        """Send to a peer; an unreachable one is forgotten (False)."""
+        """Send to a peer; an unreachable one is forgotten (False) with its outbox."""
         try:
             self.sock.send(ident, _SNDMORE)
             for frame in frames[:-1]:
@@ -276,6 +324,7 @@ class Dispatcher:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
+            self.state.outboxes.release(ident)
             if ident in self.state.peers:
                 log.warning("%s is unreachable; forgetting it", self._who(ident))
                 self.state.forget(ident)
@@ -294,7 +343,7 @@ class Dispatcher:
         self.state.ready(worker, message["slots"])
 
     def _beat(self, worker: Peer, message: protocol.Message) -> None:
-        self._send(worker.ident, _HEARTBEAT)
+        self._reply(worker.ident, "heartbeat")
 
     def _result(self, worker: Peer, message: protocol.Message) -> None:
         """Relay a worker's batch to its client, or say why not."""
@@ -311,13 +360,14 @@ class Dispatcher:
         stream = task.stream
         if outcome.kind == FAILED:
             log.error("stream %s fails: %s", stream.id, outcome.problem)
-            self._send(stream.client, protocol.encode(
-                "error", message=outcome.problem, stream=stream.id, fatal=True))
+            self._reply(stream.client, "error", message=outcome.problem, stream=stream.id,
+                        fatal=True)
             return
         frames = protocol.relay("batch", message, {  # the frames as received: not copied
-            "stream": stream.id, "position": task.position, "failed": message["failed"]})
+            "stream": stream.id, "position": task.position, "failed": message["failed"]},
+            outcome.receipt)
         if self._send(stream.client, frames) and outcome.end:
-            self._send(stream.client, protocol.encode("end", stream=stream.id))
+            self._reply(stream.client, "end", stream=stream.id)
 
     # ------------------------------------------------------------------ clients
 
@@ -325,16 +375,14 @@ class Dispatcher:
         sid = message["stream"]
         outcome = self.state.open(client, message.fields, time.monotonic())
         if outcome.error is not None:
-            self._send(client.ident, protocol.encode(
-                "error", message=outcome.error, stream=sid, fatal=True))
+            self._reply(client.ident, "error", message=outcome.error, stream=sid, fatal=True)
             return
-        if not self._send(client.ident, protocol.encode(
-                "opened", stream=sid, num_batches=outcome.num_batches,
-                batch_bytes=self.state.batch_bytes)):
+        if not self._reply(client.ident, "opened", stream=sid, num_batches=outcome.num_batches,
+                           batch_bytes=self.state.batch_bytes):
             return
         stream = outcome.stream
         if stream is None:
-            self._send(client.ident, protocol.encode("end", stream=sid))
+            self._reply(client.ident, "end", stream=sid)
             return
         plan = stream.plan
         log.info("client %s opened stream %s: epoch %d, rank %d/%d, %d of %d batches to send",
@@ -348,7 +396,7 @@ class Dispatcher:
         self.state.close(client, message["stream"])
 
     def _ping(self, client: Peer, message: protocol.Message) -> None:
-        self._send(client.ident, _PONG)
+        self._reply(client.ident, "pong")
 
     # ------------------------------------------------------------------ scheduling
 
@@ -393,7 +441,7 @@ class Dispatcher:
 
 def _task_message(task: Task) -> list[Any]:
     return protocol.pack("task", (), {"task": task.id, "epoch": task.stream.plan.epoch,
-                                      "indices": task.batch.tolist()})
+                                      "indices": task.batch.tolist()}, task.receipt)
 
 
 def class_names(dataset: Dataset) -> list[str]:

@@ -11,10 +11,14 @@ Scheduling and flow control. One task is one batch position; every issue of a po
 new, increasing task id. A stream's credits are the batches its client granted and has not
 received yet; a task is assigned only while the stream's tasks in flight are fewer than its
 credits, and delivering the batch spends the credit. Credits never exceed
-``max(1, limits.max_prefetch_bytes // batch_bytes)`` (extra grants are ignored), so what is
-in flight for a stream is bounded in bytes. The lowest pending position is always assigned
-first, streams take turns, and a worker gets at most the slots it announced with ``ready``
-(each result gives its slot back).
+``max(1, limits.max_prefetch_bytes // batch_bytes)`` (extra grants are ignored). Credits are the
+client's word; what it has really read is known from its receipts (:mod:`augserver.outbox`).
+So a task is also assigned only while what its client holds (its tasks in flight and the data
+sent to it and not yet shown read) stays within ``limits.max_prefetch_bytes``, and what all
+peers hold together within ``limits.max_held_bytes`` (a peer holding nothing may always take
+one batch, so the smallest job moves). The lowest pending position is always assigned first,
+streams take turns, and a worker gets at most the slots it announced with ``ready`` (each
+result gives its slot back).
 
 Failures. A worker silent for ``limits.heartbeat_timeout`` seconds and a client silent for
 :data:`CLIENT_TIMEOUT` seconds are :meth:`~DispatcherState.expired`; forgetting a worker
@@ -35,6 +39,7 @@ import numpy as np
 
 from augserver import protocol
 from augserver.config import JobConfig
+from augserver.outbox import Outboxes
 from augserver.plan import ShardPlan
 from augserver.scaling import StreamMeter, estimate
 from augserver.stats import (
@@ -42,6 +47,7 @@ from augserver.stats import (
     Counters,
     DispatcherStats,
     Failure,
+    Memory,
     StreamStats,
     WorkerStats,
 )
@@ -52,8 +58,6 @@ RECENT_FAILURES = 100
 """Failed samples kept for ``status``."""
 RATE_WINDOW = 10.0
 """Seconds over which a worker's samples/s is measured."""
-MAX_STREAMS = 64
-"""Streams one client may have open at once."""
 MAX_WORLD_SIZE = 1 << 16
 """Largest world size a stream may ask for (a plan holds about len + world_size indices)."""
 RECENT_DURATIONS = 200
@@ -63,6 +67,8 @@ STALL_FACTOR = 10.0
 RECENT_REFUSALS = 5
 """Reasons workers were refused, kept to explain a stream no worker can serve."""
 MAX_NAME = 256
+TASK_BYTES = 64
+"""Bytes of a task message besides its indices (at most 9 bytes each in msgpack)."""
 """Longest stream id (and peer name, which is cut) accepted."""
 
 
@@ -98,6 +104,7 @@ class Task:
     batch: np.ndarray  # int64 dataset indices
     worker: bytes
     issued: float = 0.0
+    receipt: int = 0  # stamped on the task message (see augserver.outbox)
 
 
 @dataclass(eq=False)
@@ -135,6 +142,7 @@ class ResultOutcome:
     kind: str
     task: Task | None = None
     problem: str | None = None
+    receipt: int = 0  # ``relay``: to stamp on the batch
     end: bool = False
 
 
@@ -171,6 +179,7 @@ class DispatcherState:
         self.refusals: deque[str] = deque(maxlen=RECENT_REFUSALS)  # why workers were refused
         self.served_at: float | None = None  # last time some worker could take tasks
         self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # seconds per task
+        self.outboxes = Outboxes(self.limits.max_unread_replies)
 
     # ------------------------------------------------------------------ peers
 
@@ -274,7 +283,8 @@ class DispatcherState:
         end = stream.remaining == 0
         if end:
             self.drop_stream(stream)
-        return ResultOutcome(RELAY, task, end=end)
+        receipt = self.outboxes.data(stream.client, protocol.size(message.frames))
+        return ResultOutcome(RELAY, task, end=end, receipt=receipt)
 
     def _failure_message(self, task: Task, message: protocol.Message) -> str:
         """The stream's error for a result with failed samples that cannot be delivered."""
@@ -331,8 +341,10 @@ class DispatcherState:
                 raise ValueError(f"a stream id is at most {MAX_NAME} characters")
             if fields["world_size"] > MAX_WORLD_SIZE:
                 raise ValueError(f"world_size {fields['world_size']} exceeds {MAX_WORLD_SIZE}")
-            if len(client.streams) >= MAX_STREAMS:
-                raise ValueError(f"this client already has {MAX_STREAMS} open streams")
+            most = self.limits.max_streams_per_client
+            if len(client.streams) >= most:
+                raise ValueError(f"this client already has {most} open streams "
+                                 "(limits.max_streams_per_client)")
             plan = ShardPlan(self.config.seed, fields["epoch"], self.dataset_len,
                              fields["rank"], fields["world_size"], self.config.batch_size,
                              self.config.drop_last)
@@ -428,15 +440,36 @@ class DispatcherState:
         streams = list(self.streams.values())
         for offset in range(len(streams)):
             stream = streams[(self.turn + offset) % len(streams)]
-            if stream.can_take():
+            if stream.can_take() and self._room(stream.client):
                 self.turn = (self.turn + offset + 1) % len(streams)
                 return stream
         return None
 
+    def held_bytes(self) -> int:
+        """What the dispatcher holds or has in flight for all peers: tasks out (their batches
+        will come back to be relayed) and data sent and not yet shown read."""
+        return self.outboxes.data_bytes + self.batch_bytes * len(self.tasks)
+
+    def client_bytes(self, client: bytes) -> int:
+        """:meth:`held_bytes` for one client."""
+        peer = self.peers.get(client)
+        out = sum(len(s.in_flight) for s in peer.streams.values()) if peer else 0
+        return self.outboxes.unread_data(client) + self.batch_bytes * out
+
+    def _room(self, client: bytes) -> bool:
+        """Whether one more batch for ``client`` stays within the byte budgets."""
+        more = self.batch_bytes
+        held = self.client_bytes(client)
+        if held and held + more > self.limits.max_prefetch_bytes:
+            return False
+        total = self.held_bytes()
+        return not total or total + more <= self.limits.max_held_bytes
+
     def _assign(self, worker: Peer, stream: Stream, now: float) -> Task:
         position = heapq.heappop(stream.pending)
-        task = Task(next(self.task_ids), stream, position, stream.plan.batch(position),
-                    worker.ident, now)
+        batch = stream.plan.batch(position)
+        task = Task(next(self.task_ids), stream, position, batch, worker.ident, now,
+                    self.outboxes.task(worker.ident, TASK_BYTES + 9 * len(batch)))
         self.tasks[task.id] = task
         stream.in_flight[position] = task.id
         worker.tasks.add(task.id)
@@ -461,6 +494,8 @@ class DispatcherState:
             scaling=estimate([w.samples_per_s for w in workers],
                              [s for c in clients for s in c.streams]),
             counters=Counters(**vars(self.counters)), recent_failures=list(self.failures),
+            memory=Memory(self.held_bytes(), self.limits.max_held_bytes,
+                          self.outboxes.unread_reply_bytes()),
         )
 
 

@@ -74,6 +74,15 @@ def render(stats: DispatcherStats) -> str:
                      "Workers estimated to keep every trainer fed (the current count unless "
                      "data-wait is above the threshold).",
                      [({}, int(scaling.workers_needed))])
+    memory = stats.memory
+    lines += _family("held_bytes", "gauge",
+                     "Bytes of batches in flight or sent and not yet shown read, all peers.",
+                     [({}, int(memory.held_bytes))])
+    lines += _family("max_held_bytes", "gauge", "limits.max_held_bytes.",
+                     [({}, int(memory.max_held_bytes))])
+    lines += _family("unread_reply_bytes", "gauge",
+                     "Bytes of replies sent and not yet shown read, all peers.",
+                     [({}, int(memory.unread_reply_bytes))])
     for key, value in vars(stats.counters).items():
         lines += _family(f"{key}_total", "counter", Counters.help(key), [({}, int(value))])
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 A message is a ZeroMQ multipart message. Frame 0 is a msgpack map (no extension types, never
 pickle) holding the protocol version ``v``, the message type ``t``, the type's fields, and
-``arrays``: one ``[dtype, shape]`` pair per following frame. Each following frame is the raw
+``arrays``: one ``[dtype, shape]`` pair per following frame, and optionally a receipt ``r``
+(:data:`MAX_RECEIPT`). Each following frame is the raw
 bytes of one C-contiguous array, sent and received without copies (``copy=False``; received
 arrays are ``np.frombuffer`` views of the ZeroMQ frame).
 
@@ -48,9 +49,15 @@ import numpy as np
 
 from augserver.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """2: ``welcome`` names the dataset's classes; ``welcome`` and ``ready`` carry the dataset's
-fingerprint (:meth:`augserver.datasets.Dataset.fingerprint`)."""
+fingerprint (:meth:`augserver.datasets.Dataset.fingerprint`). 3: every message may carry a
+receipt ``r`` (see :data:`MAX_RECEIPT`)."""
+MAX_RECEIPT = (1 << 63) - 1
+"""Receipts are integers in ``0..MAX_RECEIPT``, 0 meaning none. The dispatcher stamps each
+message it sends with a fresh random receipt; a peer returns, on what it sends, the receipt of
+the latest message it has read, which proves everything sent to it before has left the
+dispatcher (see :mod:`augserver.outbox`)."""
 MAX_HEADER_BYTES = 1 << 20
 """Largest frame 0 accepted (a task or a batch header with its index list fits easily)."""
 MAX_ARRAYS = 8
@@ -164,6 +171,7 @@ class Message:
     frames: list[Any] = field(default_factory=list)
     specs: list[tuple[np.dtype, tuple[int, ...]]] = field(default_factory=list)
     described: list[Any] = field(default_factory=list)  # the header's ``arrays``, as sent
+    receipt: int = 0  # the envelope's ``r``: 0 when it has none
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -177,13 +185,18 @@ class Message:
         ]
 
 
-def encode(mtype: str, arrays: Sequence[np.ndarray] = (), **fields: Any) -> list[Any]:
-    """Frames of one message: the msgpack header, then each array's raw buffer (not copied)."""
+def encode(
+    mtype: str, arrays: Sequence[np.ndarray] = (), *, receipt: int = 0, **fields: Any
+) -> list[Any]:
+    """Frames of one message: the msgpack header, then each array's raw buffer (not copied);
+    ``receipt`` goes in the envelope when it is not 0."""
     check_fields(mtype, fields)
-    return pack(mtype, arrays, fields)
+    return pack(mtype, arrays, fields, receipt)
 
 
-def pack(mtype: str, arrays: Sequence[np.ndarray], fields: dict[str, Any]) -> list[Any]:
+def pack(
+    mtype: str, arrays: Sequence[np.ndarray], fields: dict[str, Any], receipt: int = 0
+) -> list[Any]:
     """:func:`encode` without checking ``fields``: for the dispatcher's hot path, whose
     messages are built only from values it has validated already."""
     buffers = []
@@ -196,14 +209,23 @@ def pack(mtype: str, arrays: Sequence[np.ndarray], fields: dict[str, Any]) -> li
         descriptions.append([array.dtype.str, list(array.shape)])
         buffers.append(array.data if array.size else b"")
     header = {"v": PROTOCOL_VERSION, "t": mtype, "arrays": descriptions, **fields}
+    if receipt:
+        header["r"] = receipt
     return [msgpack.packb(header, use_bin_type=True), *buffers]
 
 
-def relay(mtype: str, message: Message, fields: dict[str, Any]) -> list[Any]:
+def relay(mtype: str, message: Message, fields: dict[str, Any], receipt: int = 0) -> list[Any]:
     """The array frames of a decoded ``message`` (as received: not copied, not re-checked)
     under a new ``mtype`` header with ``fields``; like :func:`pack`, for values already valid."""
     header = {"v": PROTOCOL_VERSION, "t": mtype, "arrays": message.described, **fields}
+    if receipt:
+        header["r"] = receipt
     return [msgpack.packb(header, use_bin_type=True), *message.frames]
+
+
+def size(frames: Sequence[Any]) -> int:
+    """Bytes in the frames of one message."""
+    return sum(_nbytes(frame) for frame in frames)
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -221,12 +243,15 @@ def decode(frames: Sequence[Any]) -> Message:
         )
     mtype = header.pop("t", None)
     descriptions = header.pop("arrays", None)
+    receipt = header.pop("r", 0)
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"unknown message type {mtype!r}")
+    if not (_is_int(receipt) and 0 <= receipt <= MAX_RECEIPT):
+        raise ProtocolError(f"{mtype}: invalid receipt {receipt!r:.40}")
     check_fields(mtype, header)
     payload = list(frames[1:])
     specs = _check_arrays(mtype, descriptions, payload)
-    return Message(mtype, header, payload, specs, descriptions)
+    return Message(mtype, header, payload, specs, descriptions, receipt)
 
 
 def _header(frames: Sequence[Any]) -> dict[Any, Any]:

@@ -65,8 +65,11 @@ class ConnectionWatch:
         """Read the events the monitor has queued, without waiting."""
         if self._monitor is None:
             return
-        while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_CONNECTED:
                 self.connected = True
@@ -108,6 +111,13 @@ class ConnectionWatch:
         return "nothing accepted a connection there: is the dispatcher running at this address?"
 
 
+class DealerSocket(zmq.Socket):
+    """A DEALER made by :func:`dealer`: it carries the :class:`ConnectionWatch` started before
+    it connected, so that no event of the first connection is missed."""
+
+    watch: ConnectionWatch | None = None
+
+
 def dealer(
     context: zmq.Context,
     address: str,
@@ -119,7 +129,7 @@ def dealer(
     """A DEALER socket connected to ``address``: no linger, no receive high-water mark (credits
     bound what arrives), CURVE when ``keys`` are given. ``immediate`` queues nothing before the
     connection is up; ``reconnect_ms`` is ``(interval, max interval)`` of reconnection."""
-    sock = context.socket(zmq.DEALER)
+    sock = context.socket(zmq.DEALER, socket_class=DealerSocket)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     if immediate:
@@ -129,9 +139,11 @@ def dealer(
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ms[1])
     if keys is not None:
         keys.apply(sock)
+    sock.watch = ConnectionWatch(sock)
     try:
         sock.connect(address)
     except zmq.ZMQError as exc:
+        sock.watch.close()
         sock.close(linger=0)
         raise ValueError(f"cannot connect to {address!r}: {exc}") from None
     return sock
@@ -179,7 +191,9 @@ def handshake(
             next_report = now + WAIT_REPORT
             waiting(now - start)
 
-    watch = ConnectionWatch(sock)
+    watch = getattr(sock, "watch", None) or ConnectionWatch(sock)
+    if isinstance(sock, DealerSocket):
+        sock.watch = None  # one handshake uses it; a later one watches afresh
 
     def expired(what: str) -> SessionTimeout:
         return SessionTimeout(f"no augserver dispatcher {what} at {address} within "

@@ -36,6 +36,8 @@ class Counters:
     malformed_messages: int = _counter("Malformed messages received.")
     handler_errors: int = _counter(
         "Messages whose handling raised an unexpected error (logged with a traceback).")
+    replies_dropped: int = _counter(
+        "Replies dropped because their peer left limits.max_unread_replies unread.")
 
     @staticmethod
     def help(name: str) -> str:
@@ -110,6 +112,17 @@ class Failure:
 
 
 @dataclass
+class Memory:
+    """What the dispatcher holds for its peers (see :mod:`augserver.outbox`): batches in
+    flight or sent and not yet shown read, against ``limits.max_held_bytes``, and replies not
+    yet shown read."""
+
+    held_bytes: int
+    max_held_bytes: int
+    unread_reply_bytes: int
+
+
+@dataclass
 class DispatcherStats:
     """Everything ``augserver status`` shows."""
 
@@ -124,6 +137,7 @@ class DispatcherStats:
     recent_failures: list[Failure]
     problems: list[str] = field(default_factory=list)
     """What needs a person: local workers that keep dying at start, with their reason."""
+    memory: Memory = field(default_factory=lambda: Memory(0, 0, 0))
 
     @property
     def streams(self) -> list[tuple[str, StreamStats]]:

@@ -74,6 +74,10 @@ def format_status(stats: DispatcherStats) -> str:
              for name, s in streams],
         )
     lines += ["", _scaling_line(stats.scaling)]
+    memory = stats.memory
+    lines += ["", f"held for peers: {memory.held_bytes / 2**20:.1f} MiB of "
+                  f"{memory.max_held_bytes / 2**20:.0f} MiB (limits.max_held_bytes); unread "
+                  f"replies {memory.unread_reply_bytes / 2**10:.1f} KiB"]
     counters = vars(stats.counters)
     lines += ["", "counters: " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()))]
     if stats.problems:

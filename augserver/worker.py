@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +312,7 @@ class Worker:
         self.busy_tick = _BUSY_TICK
         self.kernels = KernelLoader(name)
         self.ready_sent = False  # on this connection
+        self.receipt = 0  # of the latest message read from the dispatcher (augserver.outbox)
         self.making: Making | None = None
         self.too_slow: dict[int, str] = {}  # samples past limits.sample_seconds: not tried again
         self.abandoned: threading.Thread | None = None  # still making a too slow sample
@@ -371,6 +372,7 @@ class Worker:
             return False
         if welcome is None:
             return False
+        self.receipt = welcome.receipt
         self._welcome(welcome)
         return True
 
@@ -408,8 +410,8 @@ class Worker:
         assert self.job is not None
         if self.ready_sent or not self.kernels.done():
             return
-        self._send(protocol.encode("ready", slots=self.job.config.limits.worker_slots,
-                                   dataset=self.job.dataset.fingerprint()))
+        self._send("ready", slots=self.job.config.limits.worker_slots,
+                   dataset=self.job.dataset.fingerprint())
         self.ready_sent = True
 
     # ------------------------------------------------------------------ serving
@@ -449,8 +451,7 @@ class Worker:
             assert making.result is not None
             arrays, failed = making.result
             # A result also frees the slot its task used: no separate ready message.
-            self._send(protocol.encode("result", arrays, task=making.task["task"],
-                                       failed=failed))
+            self._send("result", arrays, task=making.task["task"], failed=failed)
             return
         limit = job.config.limits.sample_seconds
         index = making.overrun(limit, time.monotonic())
@@ -473,7 +474,7 @@ class Worker:
         limits = self.job.config.limits
         now = time.monotonic()
         if now - self.last_beat >= limits.heartbeat_interval:
-            self._send(protocol.encode("heartbeat"), quiet=True)
+            self._send("heartbeat", quiet=True)
             self.last_beat = now
         message = self._receive(timeout_ms)
         while message is not None:
@@ -509,15 +510,22 @@ class Worker:
         frames = self.sock.recv_multipart(copy=False)
         self.last_heard = time.monotonic()
         try:
-            return protocol.decode(frames)
+            message = protocol.decode(frames)
         except protocol.ProtocolError as exc:
             log.warning("worker %s: malformed message from the dispatcher: %s", self.name, exc)
             return None
+        self.receipt = message.receipt or self.receipt
+        return message
 
-    def _send(self, frames: list[Any], quiet: bool = False) -> None:
-        """Send without blocking; a message the socket cannot take now (no connection) is
-        dropped and logged (the dispatcher re-issues what it does not get)."""
+    def _send(
+        self, mtype: str, arrays: Sequence[np.ndarray] = (), *, quiet: bool = False,
+        **fields: Any,
+    ) -> None:
+        """Send without blocking, returning the receipt of the latest message read; a message
+        the socket cannot take now (no connection) is dropped and logged (the dispatcher
+        re-issues what it does not get)."""
         assert self.sock is not None
+        frames = protocol.encode(mtype, arrays, receipt=self.receipt, **fields)
         try:
             self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -207,22 +207,26 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
     job = config_from_dict(welcome["config"], check_paths=False)
     pixels = np.zeros_like(job.layout.empty_views(job.batch_size))
     labels = np.zeros(job.batch_size, np.int64)
-    sock.send_multipart(protocol.encode("ready", slots=4, dataset=welcome["dataset"]))
+    receipt = welcome.receipt  # returned on every message, as real workers do
+    sock.send_multipart(protocol.encode("ready", slots=4, dataset=welcome["dataset"],
+                                        receipt=receipt))
     last_beat = time.monotonic()
     while not stop.is_set():
         if time.monotonic() - last_beat > 0.5:
-            sock.send_multipart(protocol.encode("heartbeat"))
+            sock.send_multipart(protocol.encode("heartbeat", receipt=receipt))
             last_beat = time.monotonic()
         if not sock.poll(100):
             continue
         message = protocol.decode(sock.recv_multipart(copy=False))
+        receipt = message.receipt
         if message.type != "task":
             continue
         indices = np.asarray(message["indices"], np.int64)
         n = len(indices)
         sock.send_multipart(
             protocol.encode(
-                "result", [pixels[:, :n], labels[:n], indices], task=message["task"], failed=[]
+                "result", [pixels[:, :n], labels[:n], indices], task=message["task"], failed=[],
+                receipt=receipt,
             ),
             copy=False,
         )
@@ -316,7 +320,8 @@ def dispatcher_tasks_per_second(
                     received += 1
                     if received % _CREDIT_BLOCK == 0:
                         sock.send_multipart(
-                            protocol.encode("credit", stream=f"s{epoch}", n=_CREDIT_BLOCK)
+                            protocol.encode("credit", stream=f"s{epoch}", n=_CREDIT_BLOCK,
+                                            receipt=message.receipt)
                         )
                 elif message.type == "end":
                     break

@@ -340,6 +340,7 @@ class _Stream:
         self._wake_lock = threading.Lock()
         self._stopping = threading.Event()
         self._progress = time.monotonic()
+        self._receipt = 0  # of the latest message read, returned on each one sent
         self._thread = threading.Thread(target=self._run, name="augserver-loader", daemon=True)
         self._thread.start()
 
@@ -388,11 +389,13 @@ class _Stream:
         loader = self.loader
         sock = session.dealer(self._context, loader.address, loader._keys)
         try:
-            loader._accept_welcome(loader._handshake(sock, self._time_left()))
+            welcome = loader._handshake(sock, self._time_left())
+            self._receipt = welcome.receipt
+            loader._accept_welcome(welcome)
             queued = len(self.received) - len(loader._consumed)
             credits = max(0, loader.prefetch - queued)
             sock.send_multipart(
-                protocol.encode(
+                self._message(
                     "open",
                     stream=self.stream_id,
                     epoch=loader.epoch,
@@ -408,7 +411,7 @@ class _Stream:
             return self._serve(sock)
         finally:
             if self._stopping.is_set():
-                _send_quietly(sock, protocol.encode("close", stream=self.stream_id))
+                _send_quietly(sock, self._message("close", stream=self.stream_id))
             sock.close(linger=100 if self._stopping.is_set() else 0)
 
     def _serve(self, sock: zmq.Socket) -> bool:
@@ -427,7 +430,7 @@ class _Stream:
                 if outcome is not None:
                     return outcome
             if now - last_ping >= _PING_INTERVAL:
-                _send_quietly(sock, protocol.encode("ping"))
+                _send_quietly(sock, self._message("ping"))
                 last_ping = now
             if now - last_heard > self.loader.liveness:
                 log.warning(
@@ -451,7 +454,7 @@ class _Stream:
                 return True
             credits += int.from_bytes(note, "little")
         if credits:
-            _send_quietly(sock, protocol.encode("credit", stream=self.stream_id, n=credits))
+            _send_quietly(sock, self._message("credit", stream=self.stream_id, n=credits))
         return False
 
     def _on_message(self, frames: list[zmq.Frame]) -> bool | None:
@@ -462,6 +465,7 @@ class _Stream:
         except protocol.ProtocolError as exc:
             log.warning("malformed message from the dispatcher ignored: %s", exc)
             return None
+        self._receipt = message.receipt or self._receipt
         kind = message.type
         if kind == "batch" and message["stream"] == self.stream_id:
             self._on_batch(message)
@@ -506,6 +510,11 @@ class _Stream:
 
     def _time_left(self) -> float:
         return self.loader.timeout - (time.monotonic() - self._progress)
+
+    def _message(self, mtype: str, **fields: Any) -> list[Any]:
+        """A message to the dispatcher, returning the receipt of the latest one read (which
+        lets the dispatcher free what it held for this loader: augserver.outbox)."""
+        return protocol.encode(mtype, receipt=self._receipt, **fields)
 
 
 def _nchw(views: torch.Tensor) -> torch.Tensor:

@@ -256,6 +256,7 @@ class RawClient:
             keys.apply(self.sock)
         self.sock.connect(address)
         self.stash: deque[protocol.Message] = deque()  # batches and ends expect() passed over
+        self.receipt = 0  # of the latest message read, returned on each sent (as peers do)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -268,7 +269,7 @@ class RawClient:
         self.close()
 
     def send(self, mtype: str, arrays: list[np.ndarray] | tuple = (), **fields: Any) -> None:
-        self.sock.send_multipart(protocol.encode(mtype, arrays, **fields))
+        self.sock.send_multipart(protocol.encode(mtype, arrays, receipt=self.receipt, **fields))
 
     def send_raw(self, frames: list[bytes]) -> None:
         self.sock.send_multipart(frames)
@@ -283,7 +284,9 @@ class RawClient:
     def _receive(self, timeout: float) -> protocol.Message | None:
         if not self.sock.poll(int(timeout * 1000)):
             return None
-        return protocol.decode(self.sock.recv_multipart(copy=False))
+        message = protocol.decode(self.sock.recv_multipart(copy=False))
+        self.receipt = message.receipt or self.receipt
+        return message
 
     def expect(self, *types: str, timeout: float = 5.0) -> protocol.Message:
         """The next message of one of ``types``; pongs and heartbeats are skipped, batches and

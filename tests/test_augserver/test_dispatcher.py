@@ -467,6 +467,31 @@ def test_credits_bound_what_is_sent(tmp_path: Path) -> None:
     assert sorted(received[:2]) == [0, 1]  # lowest positions are assigned first
 
 
+def test_what_a_client_left_unread_is_freed_once_its_connection_is_gone(
+    tmp_path: Path,
+) -> None:
+    """A client that takes batches, never shows it read them, and dies holds the whole
+    max_held_bytes budget; the dispatcher's probe finds its connection gone and frees it, so
+    the next client gets its epoch (without the probe it would starve)."""
+    config = job(tmp_path, make_npz(tmp_path, n=48),
+                 limits={"max_held_bytes": 3 * BATCH_BYTES})
+    with dispatcher_thread(config) as d, worker_threads(d.address, 2):
+        with RawClient(d.address) as hog:
+            hog.hello()
+            hog.open("s", credits=100)
+            for _ in range(3):
+                hog.expect("batch")
+            assert hog.recv(0.5) is None  # the budget is spent: nothing more comes
+            held = request_status(d.address).memory
+            assert 0 < held.held_bytes <= held.max_held_bytes == 3 * BATCH_BYTES
+        with RawClient(d.address) as c:  # the hog's socket is closed
+            c.hello()
+            c.open("t", credits=2)
+            got = c.collect({"t"}, timeout=20)
+        assert sorted(b.position for b in got["t"]) == list(range(12))
+        assert request_status(d.address).memory.held_bytes == 0
+
+
 def test_silent_client_is_forgotten(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr(dispatcher_module, "CLIENT_TIMEOUT", 0.5)
     config = job(tmp_path, make_npz(tmp_path, n=16))

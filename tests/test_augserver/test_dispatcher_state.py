@@ -349,3 +349,76 @@ def test_a_task_held_far_longer_than_tasks_take_is_reissued_and_its_late_result_
     assert {t.position for t in again} >= {t.position for t in held}
     assert all(t.worker == honest.ident for t in again)
     assert state.result(rogue, result(state, held[0]), 11.0).kind == DUPLICATE
+
+
+# ---------------------------------------------------------------------------- memory budgets
+
+
+def relay_all(state: DispatcherState, worker: Peer) -> list:
+    """Schedule and answer until nothing more is assigned; the outcomes relayed."""
+    relayed = []
+    while tasks := state.schedule():
+        for task in tasks:
+            outcome = state.result(worker, result(state, task), 1.0)
+            assert outcome.kind == RELAY
+            relayed.append(outcome)
+    return relayed
+
+
+def test_a_client_that_does_not_read_holds_at_most_its_budget_whatever_it_grants() -> None:
+    """Credits are the client's word; receipts are proof. A client that grants without
+    reading (it cannot return a receipt it never read) gets no more than its byte budget."""
+    probe = DispatcherState(config(), N, 10)
+    budget = 3 * probe.batch_bytes
+    state, (w,), client, opened = setup(credits=1000, limits={
+        "max_prefetch_bytes": budget, "worker_slots": 2, "heartbeat_interval": 1.0})
+    assert opened.stream.cap == 3
+    relayed = relay_all(state, w)
+    for _ in range(5):  # lying grants: credits come back, the budget does not
+        state.credit(client, "s", 100, 1.0)
+        relayed += relay_all(state, w)
+    assert len(relayed) == 3
+    assert state.client_bytes(client.ident) <= budget
+    state.outboxes.seen(client.ident, 12345)  # a guess is not a receipt
+    assert relay_all(state, w) == []
+    state.outboxes.seen(client.ident, relayed[-1].receipt)  # it read them all
+    state.credit(client, "s", 3, 1.0)
+    assert len(relay_all(state, w)) == 3
+    check_invariants(state)
+
+
+def test_all_clients_together_stay_within_max_held_bytes() -> None:
+    probe = DispatcherState(config(), N, 10)
+    limits = {"max_held_bytes": 4 * probe.batch_bytes, "max_prefetch_bytes": 1 << 30,
+              "worker_slots": 2, "heartbeat_interval": 1.0}
+    state, (w,), _, _ = setup(credits=100, limits=limits)
+    second = state.join(b"d", "client", "d", 0.0)
+    state.open(second, open_fields("t", credits=100), 0.0)
+    relayed = relay_all(state, w)
+    assert len(relayed) == 4 and state.held_bytes() <= limits["max_held_bytes"]
+    assert {o.task.stream.id for o in relayed} == {"s", "t"}  # they took turns
+    last = {o.task.stream.client: o.receipt for o in relayed}
+    state.outboxes.seen(b"d", last[b"d"])
+    state.credit(second, "t", 2, 1.0)
+    more = relay_all(state, w)
+    assert more and state.held_bytes() <= limits["max_held_bytes"]
+
+
+def test_a_peer_holding_nothing_may_always_take_one_batch() -> None:
+    """A budget smaller than one batch still lets the job move, one batch at a time."""
+    state, (w,), client, _ = setup(credits=100, limits={
+        "max_prefetch_bytes": 1, "max_held_bytes": 1, "heartbeat_interval": 1.0})
+    (outcome,) = relay_all(state, w)
+    state.outboxes.seen(client.ident, outcome.receipt)
+    state.credit(client, "s", 1, 1.0)
+    assert len(relay_all(state, w)) == 1
+
+
+def test_streams_per_client_are_capped_by_the_limit() -> None:
+    state = DispatcherState(config(limits={"max_streams_per_client": 2}), N, 10)
+    client = state.join(b"c", "client", "c", 0.0)
+    assert state.open(client, open_fields("a"), 0.0).error is None
+    assert state.open(client, open_fields("b"), 0.0).error is None
+    third = state.open(client, open_fields("c"), 0.0)
+    assert "already has 2 open streams (limits.max_streams_per_client)" in third.error
+    assert state.open(client, open_fields("a"), 0.0).error is None  # reopening replaces

@@ -24,7 +24,7 @@ from augserver.plan import ShardPlan
 from augserver.preprocessing import preprocess
 from augserver.stats import DispatcherStats
 from augserver.status import request_status
-from client import AugMixBatch, RemoteAugMixLoader, RemoteError
+from client import AugMixBatch, RemoteAugMixLoader, RemoteError, jsd_loss_from_concat
 from tests.service_helpers import (
     REPO,
     dispatcher_thread,
@@ -282,6 +282,37 @@ def test_a_plain_loop_without_set_epoch_moves_to_the_next_epoch(tmp_path, procs)
     tail = indices(collect(loader))
     assert loader.epoch == 3 and head + tail == ShardPlan(0, 3, N, 0, 1, 8).indices.tolist()
     assert len(collect(loader)) == 6 and loader.epoch == 4
+
+
+def test_lightning_fit_gets_a_new_epoch_every_epoch(tmp_path, procs):
+    """Lightning's fit loop iterates the loader once per epoch and never calls set_epoch:
+    each of its epochs must be the plan's next epoch, exactly once each index."""
+    lightning = pytest.importorskip("lightning")
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    loader = RemoteAugMixLoader(address, ordered=True, timeout=60)
+    seen: dict[int, list[int]] = {}
+
+    class Tiny(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3 * 32 * 32, loader.num_classes)
+
+        def training_step(self, batch: AugMixBatch, _: int) -> torch.Tensor:
+            seen.setdefault(self.current_epoch, []).extend(batch.index.tolist())
+            logits = self.head(batch.concat().flatten(1))
+            return jsd_loss_from_concat(logits, batch.target)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False)
+    trainer.fit(Tiny(), train_dataloaders=loader)
+    assert sorted(seen) == [0, 1, 2]
+    for epoch, got in seen.items():
+        assert got == ShardPlan(0, epoch, N, 0, 1, 8).indices.tolist()
 
 
 def test_ordered_resume_continues_the_same_stream(tmp_path, procs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -199,6 +200,49 @@ def _warm_up(args: argparse.Namespace) -> int:
     return 1 if result.problems or result.cache_dir is None else 0
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """``256MB``, ``1GiB``, ``4096``: a size in bytes (decimal and binary units)."""
+    match = _SIZE.fullmatch(text.strip())
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]) if match else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of at least one byte "
+                                         "(like 256MB or 1GiB)")
+    return size
+
+
+def _shard(args: argparse.Namespace) -> int:
+    """Turn a dataset into WebDataset shards plus their index, locally or in S3."""
+    from augserver.datasets import FORMATS, open_dataset
+    from augserver.errors import AugserverError
+    from augserver.shards import write_shards
+    from augserver.storage import S3Options, open_store
+
+    fmt, sep, path = args.source.partition(":")
+    if not sep or fmt not in FORMATS or not path:
+        print(f"augserver shard: the source is FORMAT:PATH with FORMAT one of "
+              f"{', '.join(FORMATS)}, got {args.source!r}", file=sys.stderr)
+        return 2
+    s3 = S3Options(args.endpoint_url, args.region)
+    try:
+        dataset = open_dataset(fmt, path, not args.val, s3)
+        start = time.monotonic()
+        index = write_shards(
+            dataset, open_store(args.dest, s3), args.dest, args.shard_size,
+            lambda done: print(f"  {done} of {len(dataset)} samples", file=sys.stderr))
+    except (AugserverError, OSError, ValueError) as exc:
+        print(f"augserver shard: {exc}", file=sys.stderr)
+        return 1
+    total = sum(s.size for s in index.shards)
+    print(f"{len(index)} samples in {len(index.shards)} shards ({total / 1e6:.1f} MB) in "
+          f"{time.monotonic() - start:.1f} s; index: {args.dest}.index.json")
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     """Generate a CURVE key pair and say where each file goes."""
     from augserver.security import create_keys
@@ -331,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     warm = commands.add_parser(
         "warm-up", help="compile the AugMix kernels into numba's cache ahead of the first run")
     warm.set_defaults(run=_warm_up)
+    shard = commands.add_parser(
+        "shard", help="write a dataset as WebDataset tar shards and their index (local or s3)")
+    shard.add_argument("source", help="FORMAT:PATH, e.g. imagefolder:/data/train")
+    shard.add_argument("dest", help="a path prefix or s3://BUCKET/PREFIX: writes "
+                                    "DEST-000000.tar, ... and DEST.index.json")
+    shard.add_argument("--shard-size", type=byte_size, default=256 * 10**6,
+                       help="bytes per shard, about (default 256MB)")
+    shard.add_argument("--val", action="store_true",
+                       help="the validation split (CIFAR test, an image folder's val/)")
+    shard.add_argument("--endpoint-url", default=None,
+                       help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    shard.add_argument("--region", default=None, help="S3 region (default: AWS_REGION)")
+    shard.set_defaults(run=_shard)
     _add_service_commands(commands)
     return parser
 

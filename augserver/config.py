@@ -3,10 +3,15 @@
 The full file, every key at its default (only ``dataset`` is required)::
 
     dataset:                  # required
-      format: imagefolder     # cifar10 | cifar100 | imagefolder | npz (required)
-      path: /data/train       # required; relative paths are relative to this file's folder
+      format: imagefolder     # cifar10 | cifar100 | imagefolder | npz | webdataset (required)
+      path: /data/train       # required; relative paths are relative to this file's folder;
+                              # webdataset: an index (DEST.index.json from `augserver shard`)
+                              # or a brace pattern of .tar shards, local, http(s):// or s3://
       train: true             # CIFAR: train or test split; a folder holding train/ and val/:
-                              # which of the two; ignored by npz
+                              # which of the two; ignored by npz and webdataset
+      s3:                     # webdataset in an S3-compatible store (credentials: the AWS
+        endpoint_url: null    # environment variables or profile); null: AWS_ENDPOINT_URL
+        region: null          # null: AWS_REGION / the profile's region
     preprocess: imagenet      # cifar (crop 32, pad 4, flip) | imagenet (random resized crop
                               # 224, flip); default: cifar for cifar10/cifar100, else imagenet
     augment: augmix           # augmix | none (plain preprocessing only: the "standard"
@@ -84,6 +89,7 @@ from augserver.augmix_config import AugMixConfig
 from augserver.batch import BatchLayout
 from augserver.datasets import FORMATS
 from augserver.errors import ConfigError
+from augserver.storage import S3Options, is_remote
 
 ERROR_POLICIES = ("skip", "fail")
 AUGMENT = ("augmix", "none")
@@ -98,6 +104,9 @@ class DatasetConfig:
     format: str
     path: str
     train: bool = True
+    s3: S3Options = field(default_factory=S3Options)
+    """For ``webdataset`` shards in an S3-compatible store; None values defer to the
+    environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``)."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,7 @@ class JobConfig:
 
 _SECTIONS = {
     "dataset": tuple(f.name for f in fields(DatasetConfig)),
+    "dataset.s3": tuple(f.name for f in fields(S3Options)),
     "augmix": tuple(f.name for f in fields(AugMixConfig)),
     "limits": tuple(f.name for f in fields(Limits)),
     "security": tuple(f.name for f in fields(Security)),
@@ -298,17 +308,35 @@ def _dataset(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) -> 
         r.fail("dataset.path", "missing (required)")
     if not isinstance(path, str) or not path:
         r.fail("dataset.path", f"must be a non-empty string, got {path!r}")
+    s3 = _s3(r, data.get("s3"))
+    if fmt == "webdataset" and is_remote(path):
+        return DatasetConfig(fmt, path, r.flag(data, "dataset.train"), s3)
     path = os.path.expanduser(path)
     if base_dir is not None and not os.path.isabs(path):
         path = os.path.normpath(os.path.join(base_dir, path))
-    if check_paths:
+    if check_paths and fmt == "webdataset":
+        where = path if path.endswith(".json") else os.path.dirname(path) or "."
+        if not os.path.exists(where):
+            r.fail("dataset.path", f"{where} does not exist")
+    elif check_paths:
         if not os.path.exists(path):
             r.fail("dataset.path", f"{path} does not exist")
         if fmt == "npz" and not os.path.isfile(path):
             r.fail("dataset.path", f"{path} is not a file (format npz)")
         if fmt != "npz" and not os.path.isdir(path):
             r.fail("dataset.path", f"{path} is not a directory (format {fmt})")
-    return DatasetConfig(fmt, path, r.flag(data, "dataset.train"))
+    return DatasetConfig(fmt, path, r.flag(data, "dataset.train"), s3)
+
+
+def _s3(r: _Reader, data: Any) -> S3Options:
+    section = r.section(data, "dataset.s3")
+    values = {}
+    for name in _SECTIONS["dataset.s3"]:
+        value = section.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            r.fail(f"dataset.s3.{name}", f"must be a non-empty string or null, got {value!r}")
+        values[name] = value
+    return S3Options(**values)
 
 
 def _key_path(r: _Reader, data: Mapping[str, Any], key: str, check_paths: bool,

@@ -1,4 +1,5 @@
-"""Datasets the workers read: CIFAR-10/100 python batches, image folders and ``.npz`` arrays.
+"""Datasets the workers read: CIFAR-10/100 python batches, image folders, ``.npz`` arrays and
+WebDataset tar shards (local, ``http(s)://`` or ``s3://``, see :mod:`augserver.shards`).
 
 Every dataset has the same small interface (:class:`Dataset`): ``len``, ``label(i)``,
 ``labels(indices)``, ``path(i)`` (a human description of where sample ``i`` lives),
@@ -14,11 +15,13 @@ from __future__ import annotations
 import _codecs
 import errno
 import hashlib
+import io
 import operator
 import os
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 from augserver.errors import DatasetError
+from augserver.shards import load_index
+from augserver.storage import S3Options, open_store
 from augserver.transforms import Source, to_rgb_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -116,6 +121,20 @@ class Dataset(ABC):
     @abstractmethod
     def load(self, i: int) -> np.ndarray:
         """Sample ``i`` fully decoded: a writable uint8 ``H x W x 3`` RGB array."""
+
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        """Sample ``i`` as an image file's bytes and its extension, for ``augserver shard``:
+        the original bytes where the dataset has them, else lossless PNG of :meth:`load`."""
+        i = self._index(i)
+        with self._reading(i):
+            out = io.BytesIO()
+            Image.fromarray(self.load(i)).save(out, format="PNG")
+            return out.getvalue(), "png"
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start reading ``indices`` ahead of :meth:`read` (a batch's samples, for datasets
+        whose reads wait on a network); the default does nothing."""
+        return None
 
     def sample(self, i: int, transform: Callable[[Source], np.ndarray]) -> np.ndarray:
         """``transform(self.read(i))``, with any failure to read or decode sample ``i``
@@ -417,6 +436,84 @@ class ImageFolder(Dataset):
             img.load()
             return to_rgb_array(img)
 
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        """The file's own bytes and its extension (lower case)."""
+        path = self.path(i)
+        with self._reading(i), open(path, "rb") as f:
+            return f.read(), os.path.splitext(path)[1][1:].lower()
+
+
+# ---------------------------------------------------------------------------- tar shards
+
+
+READS_IN_FLIGHT = 16
+"""Byte-range reads one worker keeps in flight while it makes a batch from shards."""
+
+
+class WebDataset(Dataset):
+    """WebDataset tar shards (see :mod:`augserver.shards`): an index file or a brace pattern,
+    on a local path, ``http(s)://`` or ``s3://``. Each image is read with one byte-range
+    request; :meth:`prefetch` keeps :data:`READS_IN_FLIGHT` of a batch's reads in flight so
+    that object-store latency does not stall the worker, and holds no more than one batch."""
+
+    def __init__(self, path: str, s3: S3Options | None = None) -> None:
+        self.root = path
+        self.store = open_store(path, s3)
+        self.index, self.urls = load_index(self.store, path)
+        self.classes = self.index.classes
+        self.num_classes = len(self.classes)
+        self._labels = self.index.labels
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[int, Future[bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _content(self) -> dict[str, str]:
+        return {"shards": self.index.digest()}
+
+    def path(self, i: int) -> str:
+        """``SHARD:KEY.EXT``: the shard's path or URL and the image's member."""
+        i = self._index(i)
+        ix = self.index
+        return f"{self.urls[ix.shard[i]]}:{ix.keys[i]}.{ix.exts[i]}"
+
+    def _fetch(self, i: int) -> bytes:
+        ix = self.index
+        size = int(ix.size[i])
+        data = self.store.read(self.urls[ix.shard[i]], int(ix.offset[i]), size)
+        if len(data) != size:
+            raise DatasetError(self.path(i), i, f"read {len(data)} of {size} bytes: the shard "
+                                                "is truncated")
+        return data
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="shard-read")
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead = {int(i): self._pool.submit(self._fetch, int(i))
+                       for i in indices if 0 <= i < len(self)}
+
+    def read(self, i: int) -> Image.Image:
+        """Sample ``i``'s image opened (header parsed) but not decoded."""
+        i = self._index(i)
+        with self._reading(i):
+            future = self._ahead.pop(i, None)
+            data = future.result() if future is not None else self._fetch(i)
+            return Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+
+    def load(self, i: int) -> np.ndarray:
+        i = self._index(i)
+        with self._reading(i), self.read(i) as img:
+            img.load()
+            return to_rgb_array(img)
+
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        i = self._index(i)
+        with self._reading(i):
+            return self._fetch(i), self.index.exts[i]
+
 
 # ---------------------------------------------------------------------------- npz arrays
 
@@ -487,20 +584,24 @@ def _image_folder_split(path: str, train: bool) -> str:
     return path
 
 
-_FORMATS: dict[str, Callable[[str, bool], Dataset]] = {
-    "cifar10": lambda path, train: Cifar10(path, train),
-    "cifar100": lambda path, train: Cifar100(path, train),
-    "imagefolder": lambda path, train: ImageFolder(_image_folder_split(path, train)),
-    "npz": lambda path, train: NpzDataset(path),
+_FORMATS: dict[str, Callable[[str, bool, S3Options | None], Dataset]] = {
+    "cifar10": lambda path, train, s3: Cifar10(path, train),
+    "cifar100": lambda path, train, s3: Cifar100(path, train),
+    "imagefolder": lambda path, train, s3: ImageFolder(_image_folder_split(path, train)),
+    "npz": lambda path, train, s3: NpzDataset(path),
+    "webdataset": lambda path, train, s3: WebDataset(path, s3),
 }
 FORMATS = tuple(_FORMATS)
 
 
-def open_dataset(format: str, path: str | os.PathLike[str], train: bool = True) -> Dataset:
+def open_dataset(
+    format: str, path: str | os.PathLike[str], train: bool = True, s3: S3Options | None = None
+) -> Dataset:
     """Open the dataset at ``path``; ``format`` is one of :data:`FORMATS`.
 
     ``train`` picks the CIFAR split, or ``path/train`` vs ``path/val`` for an image folder that
-    holds both; a ``.npz`` file is one split and ignores it.
+    holds both; a ``.npz`` file or a set of shards is one split and ignores it. ``s3`` is the
+    job's ``dataset.s3`` for shards in an S3-compatible store.
     """
     try:
         factory = _FORMATS[format]
@@ -509,5 +610,7 @@ def open_dataset(format: str, path: str | os.PathLike[str], train: bool = True) 
             f"unknown dataset format {format!r}; valid formats: {', '.join(FORMATS)}"
         ) from None
     path = os.fspath(path)
-    _require_exists(path)
-    return factory(path, train)
+    if format != "webdataset":  # shards may be remote, and are checked one by one
+        _require_exists(path)
+    return factory(path, train, s3)
+

@@ -473,7 +473,8 @@ def _open_job_dataset(config: JobConfig) -> Dataset:
         raise ConfigError(
             f"limits.max_message_bytes: {config.limits.max_message_bytes} is smaller than one "
             f"batch of pixels ({config.batch_bytes} bytes)", None, "limits.max_message_bytes")
-    dataset = open_dataset(config.dataset.format, config.dataset.path, config.dataset.train)
+    d = config.dataset
+    dataset = open_dataset(d.format, d.path, d.train, d.s3)
     if len(dataset) == 0:
         raise ConfigError(f"dataset.path: {config.dataset.path} holds no samples", None,
                           "dataset.path")

@@ -116,6 +116,7 @@ def make_batch(
     """
     refused = refused or {}
     config, dataset = job.config, job.dataset
+    dataset.prefetch([i for i in indices if i not in refused])
     views = config.layout.empty_views(len(indices))
     done = np.empty(len(indices), INDICES_DTYPE)
     failed: list[list[Any]] = []
@@ -382,9 +383,8 @@ class Worker:
         if self.job is None or self.job.raw != raw:
             try:
                 config = config_from_dict(raw, f"config from {self.connect}", check_paths=False)
-                dataset = open_dataset(
-                    config.dataset.format, config.dataset.path, config.dataset.train
-                )
+                d = config.dataset
+                dataset = open_dataset(d.format, d.path, d.train, d.s3)
             except (ConfigError, DatasetError, OSError, ValueError) as exc:
                 raise Fatal(f"cannot use the job: {exc}") from None
             if len(dataset) != message["dataset_len"]:

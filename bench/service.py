@@ -182,7 +182,8 @@ def kernel_rate(config: Path, seconds: float) -> tuple[float, float]:
     """The kernel's own (samples/s, CPU seconds per sample) in this process: read, crop and
     AugMix exactly as a worker does."""
     job = load_config(config)
-    dataset = open_dataset(job.dataset.format, job.dataset.path, job.dataset.train)
+    d = job.dataset
+    dataset = open_dataset(d.format, d.path, d.train, d.s3)
     out = np.empty((2, job.image_size, job.image_size, 3), np.uint8)
     count = 0
     cpu = time.process_time()

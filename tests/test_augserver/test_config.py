@@ -23,11 +23,13 @@ from augserver.config import (
     config_from_dict,
     load_config,
 )
+from augserver.storage import S3Options
 
 pytestmark = pytest.mark.unit
 
 FULL = {
-    "dataset": {"format": "npz", "path": "train.npz", "train": False},
+    "dataset": {"format": "npz", "path": "train.npz", "train": False,
+                "s3": {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1"}},
     "preprocess": "cifar",
     "augmix": {"severity": 5, "width": 4, "depth": 2, "alpha": 0.5, "all_ops": True},
     "augment": "none",
@@ -156,7 +158,8 @@ def test_augment_none_is_one_plain_view_and_refuses_jsd(tmp_path: Path) -> None:
 
 def test_every_key_is_read(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL))
-    assert config.dataset == DatasetConfig("npz", str(tmp_path / "train.npz"), False)
+    assert config.dataset == DatasetConfig("npz", str(tmp_path / "train.npz"), False,
+                                           S3Options("http://127.0.0.1:9000", "eu-west-1"))
     assert config.preprocess == "cifar"
     assert config.augmix == AugMixConfig(severity=5, width=4, depth=2, alpha=0.5, all_ops=True)
     assert (config.jsd, config.batch_size, config.seed, config.drop_last) == (False, 32, 7, True)
@@ -181,8 +184,15 @@ def test_every_key_is_documented_in_the_module_docstring() -> None:
             break
         block.append(line)
     documented = yaml.safe_load("\n".join(block))
-    sections = [name for name, value in documented.items() if isinstance(value, dict)]
-    assert set(documented) | {f"{s}.{k}" for s in sections for k in documented[s]} == set(KEYS)
+    def dotted(mapping: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for name, value in mapping.items():
+            keys.add(prefix + name)
+            if isinstance(value, dict):
+                keys |= dotted(value, f"{prefix}{name}.")
+        return keys
+
+    assert dotted(documented) == set(KEYS)
     # The documented values are the defaults.
     only_dataset = {"dataset": documented["dataset"]}
     assert config_from_dict(documented, check_paths=False) == config_from_dict(
@@ -217,7 +227,7 @@ def test_known_names_match_the_kernel() -> None:
     assert PREPROCESSINGS["cifar"].image_size == transforms.CIFAR_CROP
     assert PREPROCESSINGS["cifar"].train is transforms.cifar_train
     assert ERROR_POLICIES == ("skip", "fail")
-    assert set(datasets.FORMATS) == {"cifar10", "cifar100", "imagefolder", "npz"}
+    assert set(datasets.FORMATS) == {"cifar10", "cifar100", "imagefolder", "npz", "webdataset"}
 
 
 # ---------------------------------------------------------------------------- to_dict
@@ -423,7 +433,8 @@ def test_overrides_do_not_mutate_the_callers_mapping(tmp_path: Path) -> None:
         ),
         ({"seed": 1}, "dataset", "missing (required)"),
         ({"dataset": None}, "dataset", "missing (required)"),
-        ({"dataset": "/data"}, "dataset", "must be a mapping of format, path, train, got '/data'"),
+        ({"dataset": "/data"}, "dataset",
+         "must be a mapping of format, path, train, s3, got '/data'"),
         ({"dataset": {"format": "npz"}}, "dataset.path", "missing (required)"),
         ({"dataset": {"format": "npz", "path": ""}}, "dataset.path", "must be a non-empty string"),
         ({"dataset": {"format": "npz", "path": 3}}, "dataset.path", "must be a non-empty string"),
@@ -431,7 +442,7 @@ def test_overrides_do_not_mutate_the_callers_mapping(tmp_path: Path) -> None:
         (
             {"dataset": {"format": "imagenet", "path": "data"}},
             "dataset.format",
-            "must be one of cifar10, cifar100, imagefolder, npz, got 'imagenet'",
+            "must be one of cifar10, cifar100, imagefolder, npz, webdataset, got 'imagenet'",
         ),
         (
             {"dataset": {"format": "imagefolder", "path": "data", "train": "no"}},

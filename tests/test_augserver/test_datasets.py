@@ -450,7 +450,7 @@ def test_open_dataset(tmp_path: Path, tiny_photos: np.ndarray) -> None:
     for fmt, rel, train, cls, n in cases:
         ds = open_dataset(fmt, str(tmp_path / rel), train=train)
         assert type(ds) is cls and len(ds) == n, (fmt, rel, train)
-    assert FORMATS == ("cifar10", "cifar100", "imagefolder", "npz")
+    assert FORMATS == ("cifar10", "cifar100", "imagefolder", "npz", "webdataset")
     with pytest.raises(ValueError, match=r"'lmdb'.*cifar10, cifar100, imagefolder, npz"):
         open_dataset("lmdb", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nope"):

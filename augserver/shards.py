@@ -244,7 +244,11 @@ def load_index(store: Store, path: str) -> tuple[ShardIndex, list[str]]:
     shard. Every shard is checked against the index's size: a missing or truncated shard is a
     :class:`DatasetError` naming it."""
     if path.endswith(INDEX_SUFFIX):
-        index = ShardIndex.from_json(store.read(path), path)
+        try:
+            data = store.read(path)
+        except StorageError as exc:
+            raise DatasetError(path, None, f"cannot read the shard index: {exc}") from None
+        index = ShardIndex.from_json(data, path)
         urls = [s.name if is_remote(s.name) or os.path.isabs(s.name) else join(path, s.name)
                 for s in index.shards]
     else:

@@ -64,7 +64,7 @@ def make_image_folder(folder: Path, per_class: int = 6, corrupt: bool = True) ->
     return root
 
 
-def write_config(folder: Path, dataset: Path, fmt: str = "npz", **keys: Any) -> Path:
+def write_config(folder: Path, dataset: Path | str, fmt: str = "npz", **keys: Any) -> Path:
     """A job file for ``dataset`` with fast heartbeats, a batch of 4 and CIFAR preprocessing."""
     data: dict[str, Any] = {
         "dataset": {"format": fmt, "path": str(dataset)},
@@ -77,6 +77,7 @@ def write_config(folder: Path, dataset: Path, fmt: str = "npz", **keys: Any) -> 
     limits = keys.pop("limits", {})
     data.update(keys)
     data["limits"].update(limits)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -61,7 +61,7 @@ def test_a_shard_is_indexed_by_key_with_cls_or_json_labels() -> None:
                       "notes.txt": b"not a sample"})
     samples = index_shard(data, "s.tar")
     assert [(k, e, lab) for k, e, _, _, lab in samples] == [("x/a", "jpg", 3), ("b", "png", 1)]
-    key, _, offset, size, _ = samples[1]
+    _, _, offset, size, _ = samples[1]
     assert data[offset:offset + size] == png(1)
 
 

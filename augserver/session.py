@@ -200,14 +200,22 @@ def handshake(
                               f"{timeout:g} s ({watch.diagnosis(curve, names)})")
 
     try:
-        # Never a blocking send: a connection refused by CURVE can leave the socket no pipe.
-        while not sock.poll(_POLL_MS, zmq.POLLOUT):
-            if stopped():
-                return None
-            if time.monotonic() >= deadline:
-                raise expired("reachable")
-            report()
-        sock.send_multipart(hello(role, name), flags=zmq.NOBLOCK)
+        # Never a blocking send: a connection refused by CURVE can leave the socket no pipe,
+        # also between the poll saying it may send and the send.
+        while True:
+            while not sock.poll(_POLL_MS, zmq.POLLOUT):
+                if stopped():
+                    return None
+                if time.monotonic() >= deadline:
+                    raise expired("reachable")
+                report()
+            try:
+                sock.send_multipart(hello(role, name), flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise expired("reachable") from None
+                time.sleep(_POLL_MS / 1000)
         while not stopped():
             left = deadline - time.monotonic()
             if left <= 0:

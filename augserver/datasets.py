@@ -373,7 +373,21 @@ def _class_files(root: str, class_name: str) -> list[str]:
     return files
 
 
-class ImageFolder(Dataset):
+class _EncodedImages(Dataset):
+    """A dataset whose :meth:`read` opens an encoded image (undecoded PIL image)."""
+
+    @abstractmethod
+    def read(self, i: int) -> Image.Image: ...
+
+    def load(self, i: int) -> np.ndarray:
+        """Sample ``i`` decoded to RGB uint8."""
+        i = self._index(i)
+        with self._reading(i), self.read(i) as img:
+            img.load()
+            return to_rgb_array(img)
+
+
+class ImageFolder(_EncodedImages):
     """``root/<class>/<image>``: sorted class folder names give the labels, files are sorted
     within each class; extensions jpg, jpeg, png, bmp, webp in any case; hidden entries skipped.
 
@@ -429,13 +443,6 @@ class ImageFolder(Dataset):
         with self._reading(i):
             return Image.open(self.path(i), formats=_PIL_FORMATS)
 
-    def load(self, i: int) -> np.ndarray:
-        """Sample ``i`` decoded to RGB uint8."""
-        i = self._index(i)
-        with self._reading(i), self.read(i) as img:
-            img.load()
-            return to_rgb_array(img)
-
     def encoded(self, i: int) -> tuple[bytes, str]:
         """The file's own bytes and its extension (lower case)."""
         path = self.path(i)
@@ -450,7 +457,7 @@ READS_IN_FLIGHT = 16
 """Byte-range reads one worker keeps in flight while it makes a batch from shards."""
 
 
-class WebDataset(Dataset):
+class WebDataset(_EncodedImages):
     """WebDataset tar shards (see :mod:`augserver.shards`): an index file or a brace pattern,
     on a local path, ``http(s)://`` or ``s3://``. Each image is read with one byte-range
     request; :meth:`prefetch` keeps :data:`READS_IN_FLIGHT` of a batch's reads in flight so
@@ -502,12 +509,6 @@ class WebDataset(Dataset):
             future = self._ahead.pop(i, None)
             data = future.result() if future is not None else self._fetch(i)
             return Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
-
-    def load(self, i: int) -> np.ndarray:
-        i = self._index(i)
-        with self._reading(i), self.read(i) as img:
-            img.load()
-            return to_rgb_array(img)
 
     def encoded(self, i: int) -> tuple[bytes, str]:
         i = self._index(i)

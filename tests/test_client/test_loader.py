@@ -81,15 +81,6 @@ class Processes:
             end_process(proc)
 
 
-@pytest.fixture
-def procs():
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.close()
-
-
 def collect(loader: RemoteAugMixLoader, stop_after: int | None = None) -> list[AugMixBatch]:
     batches = []
     for batch in loader:

@@ -36,15 +36,6 @@ def aws(store, monkeypatch: pytest.MonkeyPatch):
     return store
 
 
-@pytest.fixture()
-def procs():
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.close()
-
-
 def serve_epoch(tmp: Path, procs: Processes, fmt: str, path: str, kill_after: int | None = None,
                 **keys: object) -> list:
     """One ordered epoch of a job over ``path`` with 2 worker processes; with ``kill_after``,

@@ -289,17 +289,16 @@ class Dispatcher:
     def _reply(self, ident: bytes, mtype: str, **fields: Any) -> bool:
         """Send a reply (anything but data) unless ``ident`` leaves too many unread: then it
         is dropped and counted, logged when the peer starts to lose replies."""
-        frames = protocol.pack(mtype, (), fields)
         outboxes = self.state.outboxes
-        receipt = outboxes.reply(ident, protocol.size(frames))
-        if receipt is None:
+        frames = outboxes.reply(ident, lambda receipt: protocol.pack(mtype, (), fields, receipt))
+        if frames is None:
             self.state.counters.replies_dropped += 1
             if outboxes.dropping(ident) == 1:
                 log.warning("%s leaves %d replies unread: dropping its replies until it reads "
                             "(limits.max_unread_replies)", self._who(ident),
                             outboxes.unread_replies(ident))
             return False
-        return self._send(ident, protocol.pack(mtype, (), fields, receipt))
+        return self._send(ident, frames)
 
     def _probe_holders(self, now: float) -> None:
         """Probe the peers that hold unread data and are gone, or silent for

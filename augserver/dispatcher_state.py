@@ -67,9 +67,9 @@ STALL_FACTOR = 10.0
 RECENT_REFUSALS = 5
 """Reasons workers were refused, kept to explain a stream no worker can serve."""
 MAX_NAME = 256
+"""Longest stream id (and peer name, which is cut) accepted."""
 TASK_BYTES = 64
 """Bytes of a task message besides its indices (at most 9 bytes each in msgpack)."""
-"""Longest stream id (and peer name, which is cut) accepted."""
 
 
 @dataclass(eq=False)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from augserver.protocol import MAX_RECEIPT
+from augserver.protocol import MAX_RECEIPT, size
 
 RECEIPT_BITS = MAX_RECEIPT.bit_length()
 DATA, REPLY, TASK = 0, 1, 2
@@ -57,14 +59,21 @@ class Outbox:
         self._count(nbytes, kind, 1)
         return receipt
 
-    def _count(self, nbytes: int, kind: int, sign: int) -> None:
+    def resize_last(self, nbytes: int) -> None:
+        """Set the size of the message recorded last (known once it is packed)."""
+        receipt, old, kind = self.entries[-1]
+        self.entries[-1] = (receipt, nbytes, kind)
+        self._count(nbytes - old, kind, 0)
+
+    def _count(self, nbytes: int, kind: int, messages: int) -> None:
+        """Add ``nbytes`` (negative to take away) and ``messages`` to ``kind``'s totals."""
         if kind == DATA:
-            self.data_bytes += sign * nbytes
+            self.data_bytes += nbytes
         elif kind == REPLY:
-            self.replies += sign
-            self.reply_bytes += sign * nbytes
+            self.replies += messages
+            self.reply_bytes += nbytes
         else:
-            self.task_bytes += sign * nbytes
+            self.task_bytes += nbytes
 
     def seen(self, receipt: int) -> int:
         """The peer has read up to the message stamped ``receipt``: forget it and all before
@@ -76,7 +85,7 @@ class Outbox:
         while True:
             stamped, nbytes, kind = self.entries.popleft()
             self.receipts.discard(stamped)
-            self._count(nbytes, kind, -1)
+            self._count(-nbytes, kind, -1)
             if kind == DATA:
                 released += nbytes
             if stamped == receipt:
@@ -107,20 +116,30 @@ class Outboxes:
         return box
 
     def _trim(self) -> None:
-        idle = len(self.boxes) - self.max_idle
-        if idle <= 0:
+        """Forget the least recently used outboxes holding no data, down to the bound."""
+        excess = len(self.boxes) - self.max_idle
+        if excess <= 0:
             return
-        for ident in [i for i, b in self.boxes.items() if not b.data_bytes][:idle]:
+        idle = []
+        for ident, box in self.boxes.items():  # least recently used first
+            if not box.data_bytes:
+                idle.append(ident)
+                if len(idle) == excess:
+                    break
+        for ident in idle:
             del self.boxes[ident]
 
-    def reply(self, ident: bytes, nbytes: int) -> int | None:
-        """The receipt for a reply of ``nbytes`` to ``ident``; None when it must be dropped
-        (``max_replies`` unread already)."""
+    def reply(self, ident: bytes, pack: Callable[[int], list[Any]]) -> list[Any] | None:
+        """The frames of a reply to ``ident``, ``pack(receipt)``, recorded; None when it must
+        be dropped (``max_replies`` unread already), and then it is not packed at all."""
         box = self._box(ident)
         if box.replies >= self.max_replies:
             box.dropped += 1
             return None
-        return box.add(nbytes, REPLY)
+        receipt = box.add(0, REPLY)
+        frames = pack(receipt)
+        box.resize_last(size(frames))
+        return frames
 
     def data(self, ident: bytes, nbytes: int) -> int:
         """The receipt for a batch of ``nbytes`` to ``ident``; never refused."""

@@ -23,6 +23,7 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from augserver.errors import DatasetError
-from augserver.storage import StorageError, Store, is_remote, join
+from augserver.storage import LocalStore, StorageError, Store, is_remote, join
 
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "augserver-shards"
@@ -213,23 +214,36 @@ def index_shard(data: bytes, name: str) -> list[tuple[str, str, int, int, int]]:
     return samples
 
 
-def build_index(store: Store, urls: list[str], names: list[str]) -> ShardIndex:
-    """An index of the shards at ``urls`` (recorded under ``names``), reading each once."""
-    shards, columns = [], []
-    for number, (url, name) in enumerate(zip(urls, names, strict=True)):
+Row = tuple[int, str, str, int, int, int]
+"""One sample of an index being built: ``(shard number, key, ext, offset, size, label)``."""
+
+
+def _from_rows(classes: list[str], shards: list[Shard], rows: list[Row]) -> ShardIndex:
+    index = ShardIndex(
+        classes=classes, shards=shards,
+        shard=np.array([r[0] for r in rows], np.int32),
+        offset=np.array([r[3] for r in rows], np.int64),
+        size=np.array([r[4] for r in rows], np.int64),
+        labels=np.array([r[5] for r in rows], np.int64),
+        keys=[r[1] for r in rows], exts=[r[2] for r in rows])
+    index.check()
+    return index
+
+
+def build_index(store: Store, urls: list[str]) -> ShardIndex:
+    """An index of the shards at ``urls``, reading each once; the classes are the labels'
+    numbers (shards do not name them)."""
+    shards: list[Shard] = []
+    rows: list[Row] = []
+    for number, url in enumerate(urls):
         data = store.read(url)
         samples = index_shard(data, url)
-        shards.append(Shard(name, len(data), len(samples)))
-        columns += [(number, *s) for s in samples]
-    if not columns:
+        shards.append(Shard(url, len(data), len(samples)))
+        rows += [(number, *sample) for sample in samples]
+    if not rows:
         raise DatasetError(urls[0], None, "the shards hold no samples")
-    labels = np.array([c[5] for c in columns], np.int64)
-    return ShardIndex(
-        classes=[str(c) for c in range(int(labels.max()) + 1)], shards=shards,
-        shard=np.array([c[0] for c in columns], np.int32),
-        offset=np.array([c[3] for c in columns], np.int64),
-        size=np.array([c[4] for c in columns], np.int64), labels=labels,
-        keys=[c[1] for c in columns], exts=[c[2] for c in columns])
+    classes = [str(c) for c in range(max(r[5] for r in rows) + 1)]
+    return _from_rows(classes, shards, rows)
 
 
 def index_cache_dir() -> Path:
@@ -239,51 +253,55 @@ def index_cache_dir() -> Path:
     return Path(base) / "shard-index"
 
 
+SIZE_LOOKUPS = 16
+"""Shard sizes asked for at once when a dataset opens (one request each in an object store)."""
+
+
+def _sizes(store: Store, urls: list[str]) -> list[int]:
+    """Each shard's size; a shard that cannot be found is a :class:`DatasetError` naming it."""
+    def size(url: str) -> int:
+        try:
+            return store.size(url)
+        except StorageError as exc:
+            raise DatasetError(url, None, f"shard unavailable: {exc}") from None
+
+    with ThreadPoolExecutor(SIZE_LOOKUPS) as pool:
+        return list(pool.map(size, urls))
+
+
 def load_index(store: Store, path: str) -> tuple[ShardIndex, list[str]]:
     """The index of ``path`` (an index file, or a brace pattern of shards) and the URL of each
-    shard. Every shard is checked against the index's size: a missing or truncated shard is a
+    shard. Every shard's size is checked against the index: a missing or truncated shard is a
     :class:`DatasetError` naming it."""
-    if path.endswith(INDEX_SUFFIX):
-        try:
-            data = store.read(path)
-        except StorageError as exc:
-            raise DatasetError(path, None, f"cannot read the shard index: {exc}") from None
-        index = ShardIndex.from_json(data, path)
-        urls = [s.name if is_remote(s.name) or os.path.isabs(s.name) else join(path, s.name)
-                for s in index.shards]
-    else:
+    if not path.endswith(INDEX_SUFFIX):
         urls = expand_braces(path)
         if not all(u.endswith(".tar") for u in urls):
             raise DatasetError(path, None, "webdataset path must name .tar shards (a brace "
                                            "pattern) or an index file ending in .index.json")
-        index = _cached_index(store, urls)
-    for url, shard in zip(urls, index.shards, strict=True):
-        try:
-            size = store.size(url)
-        except StorageError as exc:
-            raise DatasetError(url, None, f"shard unavailable: {exc}") from None
+        return _cached_index(store, urls, _sizes(store, urls)), urls
+    try:
+        data = store.read(path)
+    except StorageError as exc:
+        raise DatasetError(path, None, f"cannot read the shard index: {exc}") from None
+    index = ShardIndex.from_json(data, path)
+    urls = [s.name if is_remote(s.name) or os.path.isabs(s.name) else join(path, s.name)
+            for s in index.shards]
+    for url, shard, size in zip(urls, index.shards, _sizes(store, urls), strict=True):
         if size != shard.size:
             raise DatasetError(url, None, f"shard is {size} bytes but the index says "
                                           f"{shard.size}: truncated or replaced")
     return index, urls
 
 
-def _cached_index(store: Store, urls: list[str]) -> ShardIndex:
-    sizes = []
-    for url in urls:
-        try:
-            sizes.append(store.size(url))
-        except StorageError as exc:
-            raise DatasetError(url, None, f"shard unavailable: {exc}") from None
+def _cached_index(store: Store, urls: list[str], sizes: list[int]) -> ShardIndex:
+    """The index of the shards at ``urls``, from the local cache when one was built for
+    these names and sizes, else built now and cached."""
     key = hashlib.sha256(json.dumps([urls, sizes]).encode()).hexdigest()[:24]
     cached = index_cache_dir() / f"{key}.json"
     if cached.is_file():
         return ShardIndex.from_json(cached.read_bytes(), str(cached))
-    index = build_index(store, urls, urls)
-    from augserver.files import atomic_write
-
-    data = index.to_json()
-    atomic_write(cached, lambda f: f.write(data))
+    index = build_index(store, urls)
+    LocalStore().write(str(cached), index.to_json())
     return index
 
 
@@ -304,7 +322,7 @@ class ShardWriter:
     def __init__(self, store: Store, dest: str, shard_bytes: int, classes: list[str]) -> None:
         self.store, self.dest, self.shard_bytes, self.classes = store, dest, shard_bytes, classes
         self.shards: list[Shard] = []
-        self.rows: list[tuple[int, str, str, int, int, int]] = []
+        self.rows: list[Row] = []
         self._buffer: io.BytesIO | None = None
         self._tar: tarfile.TarFile | None = None
         self._count = 0
@@ -324,7 +342,7 @@ class ShardWriter:
         _tar_member(self._tar, f"{key}.{ext}", image)
         _tar_member(self._tar, f"{key}.cls", str(label).encode())
         self.rows.append((len(self.shards), key, ext, header + tarfile.BLOCKSIZE, len(image),
-                          label))
+                          label))  # a USTAR header is one block: the data follows it
         self._count += 1
         if self._buffer.tell() >= self.shard_bytes:
             self._flush()
@@ -345,15 +363,7 @@ class ShardWriter:
         self._flush()
         if not self.rows:
             raise DatasetError(self.dest, None, "nothing to write: the dataset is empty")
-        rows = self.rows
-        index = ShardIndex(
-            classes=self.classes, shards=self.shards,
-            shard=np.array([r[0] for r in rows], np.int32),
-            offset=np.array([r[3] for r in rows], np.int64),
-            size=np.array([r[4] for r in rows], np.int64),
-            labels=np.array([r[5] for r in rows], np.int64),
-            keys=[r[1] for r in rows], exts=[r[2] for r in rows])
-        index.check()
+        index = _from_rows(self.classes, self.shards, self.rows)
         self.store.write(self.dest + INDEX_SUFFIX, index.to_json())
         return index
 

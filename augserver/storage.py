@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from augserver.errors import AugserverError
+from augserver.files import atomic_write
 
 ATTEMPTS = 5
 """Tries of one read before it fails (waits 0.2, 0.4, 0.8, 1.6 s in between)."""
@@ -81,8 +82,6 @@ class LocalStore(Store):
             raise StorageError(f"{url}: {exc.strerror or exc}") from None
 
     def write(self, url: str, data: bytes) -> None:
-        from augserver.files import atomic_write
-
         atomic_write(url, lambda f: f.write(data))
 
 

@@ -14,6 +14,9 @@ The full file, every key at its default (only ``dataset`` is required)::
         region: null          # null: AWS_REGION / the profile's region
     preprocess: imagenet      # cifar (crop 32, pad 4, flip) | imagenet (random resized crop
                               # 224, flip); default: cifar for cifar10/cifar100, else imagenet
+    image_size: null          # side of the images served, 8..1024: null means the
+                              # preprocessing's own (32 or 224); e.g. 64 with cifar for
+                              # Tiny-ImageNet-like data, 128-192, 299 or 384 with imagenet
     augment: augmix           # augmix | none (plain preprocessing only: the "standard"
                               # baseline; one view per sample, needs jsd: false)
     augmix:
@@ -157,6 +160,8 @@ class JobConfig:
     dataset: DatasetConfig
     preprocess: str
     augmix: AugMixConfig
+    image_size: int = 0
+    """Side of the square images served; 0 (the default) becomes the preprocessing's own."""
     augment: str = "augmix"
     jsd: bool = True
     batch_size: int = 128
@@ -180,10 +185,9 @@ class JobConfig:
         """The record of this job's preprocessing (size, mean/std, train and eval views)."""
         return preprocessing.get(self.preprocess)
 
-    @property
-    def image_size(self) -> int:
-        """Side of the square images the preprocessing produces: 32 (cifar) or 224 (imagenet)."""
-        return self.preprocessing.image_size
+    def __post_init__(self) -> None:
+        if not self.image_size:
+            object.__setattr__(self, "image_size", self.preprocessing.image_size)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -328,6 +332,19 @@ def _dataset(r: _Reader, data: Any, check_paths: bool, base_dir: str | None) -> 
     return DatasetConfig(fmt, path, r.flag(data, "dataset.train"), s3)
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+
+
+def _image_size(r: _Reader, value: Any, preprocess: str) -> int:
+    if value is None:
+        return preprocessing.get(preprocess).image_size
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+            MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE):
+        r.fail("image_size", f"must be an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} or "
+                             f"null, got {value!r}")
+    return value
+
+
 def _s3(r: _Reader, data: Any) -> S3Options:
     section = r.section(data, "dataset.s3")
     values = {}
@@ -433,6 +450,7 @@ def config_from_dict(
         dataset=dataset,
         preprocess=preprocess,
         augmix=_augmix(r, data.get("augmix"), preprocess),
+        image_size=_image_size(r, data.get("image_size"), preprocess),
         augment=augment,
         jsd=jsd,
         batch_size=r.integer(data, "batch_size", 1),

@@ -33,7 +33,7 @@ class Preprocessing:
 
     name: str
     image_size: int
-    """Side of the square images it produces."""
+    """Side of the square images it produces unless the job says otherwise (``image_size``)."""
     mean: tuple[float, float, float]
     """Per-channel (RGB) normalisation mean, on pixels scaled to [0, 1]."""
     std: tuple[float, float, float]
@@ -41,9 +41,9 @@ class Preprocessing:
     default_severity: int
     """The AugMix paper's severity for this kind of data."""
     train: Preprocess
-    """The random training view: ``train(source, rng)``, before AugMix."""
-    eval: Callable[[Source], np.ndarray]
-    """The deterministic test-time view."""
+    """The random training view: ``train(source, rng, size)``, before AugMix."""
+    eval: Callable[[Source, int], np.ndarray]
+    """The deterministic test-time view: ``eval(source, size)``."""
 
 
 CIFAR = Preprocessing("cifar", CIFAR_CROP, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 3,
@@ -74,6 +74,10 @@ def default_for(dataset_format: str) -> Preprocessing:
     return CIFAR if dataset_format in ("cifar10", "cifar100") else IMAGENET
 
 
-def preprocess(name: str, source: Source, rng: np.random.Generator) -> np.ndarray:
-    """Apply the training view of the preprocessing called ``name``."""
-    return get(name).train(source, rng)
+def preprocess(
+    name: str, source: Source, rng: np.random.Generator, size: int | None = None
+) -> np.ndarray:
+    """Apply the training view of the preprocessing called ``name`` at ``size`` (its own
+    image size when None)."""
+    record = get(name)
+    return record.train(source, rng, record.image_size if size is None else size)

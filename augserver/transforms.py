@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 Source = Image.Image | np.ndarray
-Preprocess = Callable[[Source, np.random.Generator], np.ndarray]
+Preprocess = Callable[[Source, np.random.Generator, int], np.ndarray]
+"""A training view: ``(source, rng, size)`` to a ``size`` x ``size`` x 3 uint8 array."""
 Box = tuple[float, float, float, float]
 
 CIFAR_CROP = 32
@@ -104,45 +105,46 @@ def _finish(img: Image.Image, flip: bool) -> np.ndarray:
 # ---------------------------------------------------------------------------- CIFAR
 
 
-def cifar_train(image: Source, rng: np.random.Generator) -> np.ndarray:
-    """torchvision ``RandomCrop(32, padding=4)`` (zero padding) then ``RandomHorizontalFlip()``.
+def cifar_train(image: Source, rng: np.random.Generator, size: int = CIFAR_CROP) -> np.ndarray:
+    """torchvision ``RandomCrop(size, padding=4)`` (zero padding) then
+    ``RandomHorizontalFlip()``; ``size`` is 32 for CIFAR, 64 for Tiny-ImageNet-like data.
 
-    Draws, in order: top in [0, H + 8 - 32], left in [0, W + 8 - 32], flip when U(0, 1) < 0.5.
-    The padded image is never built: the overlap of the crop with the source is copied into a
-    zeroed 32 x 32 output, mirrored when flipped.
+    Draws, in order: top in [0, H + 8 - size], left in [0, W + 8 - size], flip when U(0, 1) <
+    0.5. The padded image is never built: the overlap of the crop with the source is copied
+    into a zeroed ``size`` x ``size`` output, mirrored when flipped.
     """
     src = _as_rgb_array(image)
     height, width = src.shape[:2]
-    span_y = height + 2 * CIFAR_PADDING - CIFAR_CROP
-    span_x = width + 2 * CIFAR_PADDING - CIFAR_CROP
+    span_y = height + 2 * CIFAR_PADDING - size
+    span_x = width + 2 * CIFAR_PADDING - size
     if span_y < 0 or span_x < 0:
-        raise ValueError(f"image {width}x{height} is too small for a padded {CIFAR_CROP} crop")
+        raise ValueError(f"image {width}x{height} is too small for a padded {size} crop")
     y0 = int(rng.integers(0, span_y, endpoint=True)) - CIFAR_PADDING
     x0 = int(rng.integers(0, span_x, endpoint=True)) - CIFAR_PADDING
     flip = bool(rng.random() < 0.5)
 
-    out = np.zeros((CIFAR_CROP, CIFAR_CROP, 3), np.uint8)
-    top, bottom = max(y0, 0), min(y0 + CIFAR_CROP, height)
-    left, right = max(x0, 0), min(x0 + CIFAR_CROP, width)
+    out = np.zeros((size, size, 3), np.uint8)
+    top, bottom = max(y0, 0), min(y0 + size, height)
+    left, right = max(x0, 0), min(x0 + size, width)
     rows = slice(top - y0, bottom - y0)
     patch = src[top:bottom, left:right]
     if flip:
-        out[rows, CIFAR_CROP - (right - x0) : CIFAR_CROP - (left - x0)] = patch[:, ::-1]
+        out[rows, size - (right - x0) : size - (left - x0)] = patch[:, ::-1]
     else:
         out[rows, left - x0 : right - x0] = patch
     return out
 
 
-def cifar_eval(image: Source) -> np.ndarray:
-    """The evaluation view for CIFAR preprocessing: the centre 32 x 32 window, zero-padded
-    where the image is smaller (the deterministic centre of ``RandomCrop(32, padding=4)``):
-    CIFAR's own 32 x 32 test images unchanged."""
+def cifar_eval(image: Source, size: int = CIFAR_CROP) -> np.ndarray:
+    """The evaluation view for CIFAR preprocessing: the centre ``size`` x ``size`` window,
+    zero-padded where the image is smaller (the deterministic centre of
+    ``RandomCrop(size, padding=4)``): CIFAR's own 32 x 32 test images unchanged."""
     src = _as_rgb_array(image)
     height, width = src.shape[:2]
-    out = np.zeros((CIFAR_CROP, CIFAR_CROP, 3), np.uint8)
-    y0, x0 = (height - CIFAR_CROP) // 2, (width - CIFAR_CROP) // 2
+    out = np.zeros((size, size, 3), np.uint8)
+    y0, x0 = (height - size) // 2, (width - size) // 2
     top, left = max(y0, 0), max(x0, 0)
-    patch = src[top : min(y0 + CIFAR_CROP, height), left : min(x0 + CIFAR_CROP, width)]
+    patch = src[top : min(y0 + size, height), left : min(x0 + size, width)]
     out[top - y0 : top - y0 + patch.shape[0], left - x0 : left - x0 + patch.shape[1]] = patch
     return out
 
@@ -241,12 +243,20 @@ def eval_resize(width: int, height: int, resize: int = 256) -> tuple[int, int]:
     return int(resize * width / height), resize
 
 
-def imagenet_eval(source: Source, size: int = 224, resize: int = 256) -> np.ndarray:
-    """torchvision ``Resize(resize)`` (bilinear) then ``CenterCrop(size)``, in one resample.
+def eval_resize_for(size: int) -> int:
+    """The shorter side an evaluation view is resized to before its centre ``size`` crop: the
+    usual 256 for 224 (a crop of 0.875), in proportion for other sizes (342 for 299)."""
+    return round(size * 256 / 224)
+
+
+def imagenet_eval(source: Source, size: int = 224, resize: int | None = None) -> np.ndarray:
+    """torchvision ``Resize(resize)`` (bilinear) then ``CenterCrop(size)``, in one resample;
+    ``resize`` defaults to :func:`eval_resize_for` of ``size``.
 
     The centre crop of the resized image is mapped back to a box in the source, so the result
     equals resize-then-crop; JPEG sources may be decoded at reduced scale as in training.
     """
+    resize = eval_resize_for(size) if resize is None else resize
     if resize < size:
         raise ValueError(f"resize ({resize}) must be at least the crop size ({size})")
     img = _as_image(source)

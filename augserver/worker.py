@@ -196,7 +196,7 @@ def _fill_sample(job: Job, epoch: int, index: int, slot: np.ndarray) -> None:
         if isinstance(source, Image.Image) and source.width * source.height > limit:
             raise ValueError(f"{source.width} x {source.height} pixels exceed "
                              f"limits.max_image_pixels ({limit}); not decoded")
-        return preprocess(config.preprocess, source, rng)
+        return preprocess(config.preprocess, source, rng, config.image_size)
 
     image = dataset.sample(index, transform)
     side = config.image_size

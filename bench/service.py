@@ -191,7 +191,8 @@ def kernel_rate(config: Path, seconds: float) -> tuple[float, float]:
     while time.perf_counter() - start < seconds:
         i = count % len(dataset)
         rng = sample_rng(job.seed, 0, i)
-        image = dataset.sample(i, lambda s, rng=rng: preprocess(job.preprocess, s, rng))
+        image = dataset.sample(
+            i, lambda s, rng=rng: preprocess(job.preprocess, s, rng, job.image_size))
         augmix_views(image, rng, job.augmix, 2, out=out)
         count += 1
     return count / (time.perf_counter() - start), (time.process_time() - cpu) / count

@@ -162,6 +162,27 @@ class RemoteAugMixLoader:
         return len(self.classes)
 
     @property
+    def image_size(self) -> int:
+        """Side of the square images served (the job's ``image_size``)."""
+        return self.config.image_size
+
+    @property
+    def preprocess(self) -> str:
+        """The job's preprocessing: ``cifar`` or ``imagenet``."""
+        return self.config.preprocess
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel (RGB) normalisation mean the batches are normalised with (pixels in
+        [0, 1]); also without ``normalize``, for a model that normalises itself."""
+        return self.config.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel (RGB) normalisation standard deviation, as :attr:`mean`."""
+        return self.config.std
+
+    @property
     def config(self) -> JobConfig:
         """The dispatcher's job configuration (asks the dispatcher on first use)."""
         self._ensure_job()

@@ -296,7 +296,8 @@ def write_json(results: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_test_set(
-    source: str | os.PathLike, preprocess: str | None = None, limit: int | None = None
+    source: str | os.PathLike, preprocess: str | None = None, limit: int | None = None,
+    image_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` of a test set: ``x`` N x H x W x 3 uint8, ``y`` int64 labels.
 
@@ -304,7 +305,8 @@ def load_test_set(
     resolution), or ``FORMAT:PATH`` of a dataset (``cifar10``/``cifar100``: the test batch;
     ``imagefolder``: ``PATH/val`` when PATH holds train/ and val/, else PATH; ``npz``) whose
     images go through the test-time view of ``preprocess`` (``cifar``: the centre 32 x 32;
-    ``imagenet``: resize 256, centre crop 224; default: cifar for CIFAR, else imagenet).
+    ``imagenet``: resize 256, centre crop 224; default: cifar for CIFAR, else imagenet), at
+    ``image_size`` when given (the training job's; imagenet resizes in proportion, 342 for 299).
     ``limit`` keeps a seeded random subset of that many samples (corrupting 224 x 224 images
     costs about 1.4 s per image for all 75 sets on one core).
     """
@@ -319,11 +321,12 @@ def load_test_set(
             x, y = data["x"], data["y"].astype(np.int64)
         keep = _subset(len(x), limit)
         return (x, y) if keep is None else (x[keep], y[keep])
-    view = (preprocessing.get(preprocess) if preprocess else preprocessing.default_for(fmt)).eval
+    record = preprocessing.get(preprocess) if preprocess else preprocessing.default_for(fmt)
+    side = image_size or record.image_size
     dataset = open_dataset(fmt, path, train=False)
     keep = _subset(len(dataset), limit)
     indices = np.arange(len(dataset)) if keep is None else keep
-    x = np.stack([dataset.sample(i, view) for i in indices.tolist()])
+    x = np.stack([dataset.sample(i, lambda s: record.eval(s, side)) for i in indices.tolist()])
     return x, dataset.labels(indices)
 
 

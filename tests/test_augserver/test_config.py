@@ -34,6 +34,7 @@ FULL = {
     "augmix": {"severity": 5, "width": 4, "depth": 2, "alpha": 0.5, "all_ops": True},
     "augment": "none",
     "jsd": False,
+    "image_size": 40,
     "batch_size": 32,
     "seed": 7,
     "drop_last": True,
@@ -164,6 +165,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert config.augmix == AugMixConfig(severity=5, width=4, depth=2, alpha=0.5, all_ops=True)
     assert (config.jsd, config.batch_size, config.seed, config.drop_last) == (False, 32, 7, True)
     assert config.augment == "none"
+    assert config.image_size == 40 and config.layout.side == 40
     assert (config.error_policy, config.bind, config.workers) == (
         "fail",
         "tcp://127.0.0.1:6000",
@@ -436,6 +438,8 @@ def test_overrides_do_not_mutate_the_callers_mapping(tmp_path: Path) -> None:
         ({"dataset": "/data"}, "dataset",
          "must be a mapping of format, path, train, s3, got '/data'"),
         ({"dataset": {"format": "npz"}}, "dataset.path", "missing (required)"),
+        (minimal(image_size=4), "image_size", "must be an integer in 8..1024 or null, got 4"),
+        (minimal(image_size="64"), "image_size", "must be an integer in 8..1024"),
         ({"dataset": {"format": "npz", "path": ""}}, "dataset.path", "must be a non-empty string"),
         ({"dataset": {"format": "npz", "path": 3}}, "dataset.path", "must be a non-empty string"),
         ({"dataset": {"path": "data"}}, "dataset.format", "missing (required): one of cifar10"),

@@ -17,6 +17,7 @@ from augserver.transforms import (
     cifar_eval,
     cifar_train,
     eval_resize,
+    eval_resize_for,
     imagenet_eval,
     imagenet_train,
     random_resized_crop,
@@ -296,7 +297,27 @@ def test_imagenet_eval_with_draft(big_jpeg: bytes) -> None:
     full = imagenet_eval(np.asarray(Image.open(io.BytesIO(big_jpeg)).convert("RGB")))
     assert np.abs(out.astype(int) - full).mean() < 2.0
     with pytest.raises(ValueError, match="at least"):
-        imagenet_eval(img, size=300)
+        imagenet_eval(img, size=300, resize=256)
+
+
+@pytest.mark.parametrize(("size", "resize"), [(64, 73), (160, 183), (299, 342), (384, 439)])
+def test_other_sizes_train_and_evaluate_at_that_size(size: int, resize: int) -> None:
+    """Other image sizes: the eval resize keeps the 224/256 crop ratio, training crops to the
+    size; CIFAR's padded crop works at any size too (64 for Tiny-ImageNet-like data)."""
+    image = photo("coffee", 500, 400)
+    assert eval_resize_for(size) == resize
+    new_w, new_h = eval_resize(500, 400, resize)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    diff = np.abs(imagenet_eval(image, size).astype(int) - resized[top:top + size,
+                                                                    left:left + size])
+    assert diff.max() <= 1
+    rng = np.random.default_rng(0)
+    assert imagenet_train(image, rng, size).shape == (size, size, 3)
+    small = photo("coffee", size, size)
+    crop = cifar_train(small, np.random.default_rng(1), size)
+    assert crop.shape == (size, size, 3)
+    np.testing.assert_array_equal(cifar_eval(small, size), small)
 
 
 # ---------------------------------------------------------------------------- sources and modes

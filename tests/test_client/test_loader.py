@@ -35,6 +35,7 @@ from tests.service_helpers import (
     make_npz,
     spawn,
     wait_workers,
+    worker_threads,
 )
 from tests.service_helpers import write_config as _write_config
 
@@ -463,6 +464,24 @@ def test_no_dispatcher_is_a_clear_timeout(monkeypatch, caplog):
     assert "CURVE" not in str(caught.value)
     waits = [m for r in caplog.records if "waiting for the augserver" in (m := r.getMessage())]
     assert len(waits) >= 2 and all(address in w for w in waits)
+
+
+@pytest.mark.parametrize(("preprocess", "side", "size", "mean"), [
+    ("cifar", 64, 64, (0.5, 0.5, 0.5)),  # Tiny-ImageNet-like: a padded 64 crop
+    ("imagenet", 96, 160, (0.485, 0.456, 0.406)),  # progressive resizing at 160
+])
+def test_other_image_sizes_are_served_and_the_loader_says_so(
+    tmp_path: Path, preprocess: str, side: int, size: int, mean: tuple[float, ...]
+) -> None:
+    data = make_npz(tmp_path, 8, side=side)
+    config = job(tmp_path, data, preprocess=preprocess, image_size=size)
+    with dispatcher_thread(config) as d, worker_threads(d.address, 1):
+        loader = RemoteAugMixLoader(d.address, timeout=60)
+        assert (loader.image_size, loader.preprocess, loader.mean) == (size, preprocess, mean)
+        assert len(loader.std) == 3
+        batches = collect(loader)
+    assert sorted(indices(batches)) == list(range(8))
+    assert all(v.shape == (len(b), 3, size, size) for b in batches for v in (b.orig, b.aug1))
 
 
 def test_the_loader_knows_the_classes_without_opening_the_dataset(tmp_path: Path) -> None:

@@ -37,7 +37,23 @@ T = TypeVar("T")
 
 
 class StorageError(AugserverError, OSError):
-    """An object could not be read or written: it names the object and why."""
+    """An object could not be read or written: it names the object and why. ``unreachable``:
+    the store itself did not answer (every try failed in a transient way), so other objects
+    of it cannot be read either."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def store_unreachable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what caused it is a :class:`StorageError` of a store that did not
+    answer."""
+    while exc is not None:
+        if isinstance(exc, StorageError) and exc.unreachable:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_remote(path: str) -> bool:
@@ -95,7 +111,8 @@ def _retrying(url: str, attempt: Callable[[], T], transient: Callable[[Exception
         except Exception as exc:
             if not transient(exc) or n == ATTEMPTS - 1:
                 tries = f" after {n + 1} tries" if n else ""
-                raise StorageError(f"{url}: {_reason(exc)}{tries}") from None
+                raise StorageError(f"{url}: {_reason(exc)}{tries}",
+                                   unreachable=transient(exc)) from None
             time.sleep(BACKOFF * 2**n)
     raise AssertionError("unreachable")
 

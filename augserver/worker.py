@@ -51,6 +51,7 @@ from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTime
 from augserver.kernels_cache import KernelLoad, load_kernels
 from augserver.preprocessing import preprocess
 from augserver.security import ClientKeys
+from augserver.storage import store_unreachable
 
 log = logging.getLogger("augserver.worker")
 
@@ -130,7 +131,10 @@ def make_batch(
             made: int | None = index
         except Exception as exc:  # reported with its path; never kills the worker
             failed.append(_failure(dataset, index, exc))
-            made = substitute(job, epoch, index, views[:, n], between, refused)
+            # With the dataset's store gone, a stand-in cannot be read either: do not wait
+            # for SUBSTITUTE_TRIES more reads to time out.
+            made = (None if store_unreachable(exc) else
+                    substitute(job, epoch, index, views[:, n], between, refused))
         if made is None:
             continue
         done[n] = made
@@ -162,7 +166,9 @@ def substitute(job: Job, epoch: int, index: int, slot: np.ndarray,
         between(candidate)
         try:
             _fill_sample(job, epoch, candidate, slot)
-        except Exception:  # that one is reported when its own turn comes
+        except Exception as exc:  # that one is reported when its own turn comes
+            if store_unreachable(exc):
+                return None
             continue
         return candidate
     return None

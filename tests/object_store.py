@@ -23,6 +23,9 @@ ACCESS_KEY, SECRET_KEY = "augserver-test", "augserver-test-secret"
 class ObjectStore:
     endpoint: str
     process: subprocess.Popen[bytes]
+    filer: str
+    """The filer's HTTP address: an object ``KEY`` of bucket ``B`` is at ``filer/buckets/B/KEY``
+    (plain HTTP GET, byte ranges included)."""
 
     def env(self, secret: str = SECRET_KEY) -> dict[str, str]:
         """The AWS variables every AWS tool reads, pointing at this store."""
@@ -69,7 +72,8 @@ def seaweedfs(folder: Path, bucket: str = "augserver-test") -> Iterator[ObjectSt
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", process)
+    store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", process,
+                        f"http://127.0.0.1:{ports['filer.port']}")
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from augserver.augmix import AugMixConfig, augmix_views, sample_rng
+from augserver.cli import main as augserver_main
 from augserver.datasets import open_dataset
 from augserver.plan import ShardPlan
 from augserver.preprocessing import preprocess
@@ -420,16 +421,22 @@ def test_two_ranks_under_torch_distributed(tmp_path, procs):
     assert sorted(shards[0]["indices"] + shards[1]["indices"]) == list(range(N))
 
 
+@pytest.mark.parametrize("source", ["imagefolder", "webdataset"])
 def test_skipped_samples_keep_every_rank_at_full_batches_under_torch_distributed(
-    tmp_path, procs
+    tmp_path, procs, source
 ):
     """error_policy skip with bad files and batch size 1: every rank still yields len(loader)
-    full batches (a stand-in in each bad sample's place), so the collectives stay in step."""
+    full batches (a stand-in in each bad sample's place), so the collectives stay in step;
+    the same from shards of that folder (the bad files' bytes become bad members)."""
     root = make_image_folder(tmp_path, per_class=12)  # b/bad.png among 25 files
     for name in ("worse.png", "zzz.png"):
         (root / "a" / name).write_bytes(b"not an image either")
-    config = _write_config(tmp_path, root, "imagefolder", batch_size=1, seed=0,
-                           error_policy="skip")
+    path = str(root)
+    if source == "webdataset":
+        assert augserver_main(["shard", f"imagefolder:{root}", str(tmp_path / "s" / "d"),
+                               "--shard-size", "16kB"]) == 0
+        path = str(tmp_path / "s" / "d.index.json")
+    config = _write_config(tmp_path, path, source, batch_size=1, seed=0, error_policy="skip")
     address = free_address()
     procs.serve(config, address, workers=2)
     shards = run_two_ranks(address, tmp_path)

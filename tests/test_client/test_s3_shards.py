@@ -38,21 +38,26 @@ def aws(store, monkeypatch: pytest.MonkeyPatch):
 
 
 def serve_epoch(tmp: Path, procs: Processes, fmt: str, path: str, kill_after: int | None = None,
-                **keys: object) -> list:
-    """One ordered epoch of a job over ``path`` with 2 worker processes; with ``kill_after``,
-    one worker is SIGKILLed after that many batches."""
+                workers: int = 2, resume_after: int | None = None, **keys: object) -> list:
+    """One ordered epoch of a job over ``path`` with ``workers`` worker processes; with
+    ``kill_after``, one worker is SIGKILLed after that many batches; with ``resume_after``, a
+    new loader resumes from the first one's state after that many batches."""
     config = _write_config(tmp, path, fmt, preprocess="cifar", batch_size=4, seed=3,
                            **keys)
     address = free_address()
     procs.serve(config, address)
-    workers = [procs.worker(address) for _ in range(2)]
-    wait_workers(address, 2, timeout=60)
+    started = [procs.worker(address) for _ in range(workers)]
+    wait_workers(address, workers, timeout=60)
     loader = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False)
-    if kill_after is None:
+    if kill_after is None and resume_after is None:
         return collect(loader)
-    head = collect(loader, stop_after=kill_after)
-    procs.kill(workers[0])
-    return head + collect(loader)
+    head = collect(loader, stop_after=kill_after or resume_after)
+    if kill_after is not None:
+        procs.kill(started[0])
+        return head + collect(loader)
+    resumed = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False)
+    resumed.load_state_dict(loader.state_dict())
+    return head + collect(resumed)
 
 
 def test_an_epoch_from_s3_with_a_worker_killed_matches_local_shards_and_the_source(
@@ -67,7 +72,8 @@ def test_an_epoch_from_s3_with_a_worker_killed_matches_local_shards_and_the_sour
     from_s3 = serve_epoch(tmp_path / "a", procs, "webdataset",
                           f"s3://{BUCKET}/job1/train.index.json", kill_after=2)
     assert sorted(indices(from_s3)) == list(range(24))  # exactly once, a worker killed
-    from_disk = serve_epoch(tmp_path / "b", procs, "webdataset", f"{local}.index.json")
+    from_disk = serve_epoch(tmp_path / "b", procs, "webdataset", f"{local}.index.json",
+                            workers=1, resume_after=3)  # another worker count, resumed
     from_folder = serve_epoch(tmp_path / "c", procs, "imagefolder", str(source))
     assert stream_hash(from_s3) == stream_hash(from_disk) == stream_hash(from_folder)
 
@@ -88,6 +94,27 @@ def test_shards_over_plain_http_read_by_range(tmp_path: Path, aws) -> None:
     aws.client().delete_object(Bucket=BUCKET, Key="web/d-000000.tar")
     with pytest.raises(DatasetError, match=r"web/d-000000\.tar.*404"):
         open_dataset("webdataset", url)
+
+
+def test_shard_and_serve_find_credentials_in_a_profile(
+    tmp_path: Path, aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only AWS_PROFILE and the shared files, as an AWS user would have them."""
+    from tests.object_store import ACCESS_KEY, SECRET_KEY
+
+    (tmp_path / "credentials").write_text(
+        f"[lab]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    (tmp_path / "config").write_text(
+        f"[profile lab]\nregion = us-east-1\nendpoint_url = {aws.endpoint}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                 "AWS_REGION"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    source = make_image_folder(tmp_path, per_class=3, corrupt=False)
+    assert main(["shard", f"imagefolder:{source}", f"s3://{BUCKET}/profile/d"]) == 0
+    assert len(open_dataset("webdataset", f"s3://{BUCKET}/profile/d.index.json")) == 6
 
 
 def test_missing_truncated_and_forbidden_shards_name_the_object(tmp_path: Path, aws) -> None:

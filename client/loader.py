@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,9 +51,14 @@ class AugMixBatch:
     aug2: torch.Tensor | None
     target: torch.Tensor
     index: torch.Tensor
+    views: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """All views as one ``(V, B, 3, H, W)`` tensor (``orig`` and the rest are its slices)."""
 
     def concat(self) -> torch.Tensor:
-        """The views concatenated along the batch (clean, aug1, aug2) for one forward pass."""
+        """The views concatenated along the batch (clean, aug1, aug2) for one forward pass:
+        a view of the batch's memory when the loader made it (no copy), else a copy."""
+        if self.views is not None:
+            return self.views.flatten(0, 1)
         views = [v for v in (self.orig, self.aug1, self.aug2) if v is not None]
         return torch.cat(views) if len(views) > 1 else views[0]
 
@@ -104,6 +109,7 @@ class RemoteAugMixLoader:
         liveness: float = 5.0,
         curve_key: KeySource | None = None,
         server_key: KeySource | None = None,
+        as_tuples: bool = False,
     ) -> None:
         if rank is None or world_size is None:
             dist_rank, dist_world = world()
@@ -125,6 +131,7 @@ class RemoteAugMixLoader:
         self.channels_last = channels_last
         self.timeout = timeout
         self.liveness = liveness
+        self.as_tuples = as_tuples
         self._keys = ClientKeys.load(curve_key, server_key)
         self._mean_override = mean
         self._std_override = std
@@ -174,13 +181,14 @@ class RemoteAugMixLoader:
     @property
     def mean(self) -> tuple[float, ...]:
         """Per-channel (RGB) normalisation mean the batches are normalised with (pixels in
-        [0, 1]); also without ``normalize``, for a model that normalises itself."""
-        return self.config.mean
+        [0, 1]): the ``mean`` argument, else the job's; also without ``normalize``, for a
+        model that normalises itself."""
+        return tuple(self._mean_override or self.config.mean)
 
     @property
     def std(self) -> tuple[float, ...]:
         """Per-channel (RGB) normalisation standard deviation, as :attr:`mean`."""
-        return self.config.std
+        return tuple(self._std_override or self.config.std)
 
     @property
     def config(self) -> JobConfig:
@@ -213,11 +221,14 @@ class RemoteAugMixLoader:
         self._consumed = from_ranges(state["consumed"])
         self._consumed_epoch = self.epoch
 
-    def __iter__(self) -> Iterator[AugMixBatch]:
-        """The batches of the current epoch not consumed yet. After a completed epoch (also one
-        resumed at its very end) the next iteration is the next epoch, as plain ``for epoch in
-        ...: for batch in loader`` loops and Lightning expect, unless :meth:`set_epoch` chose
-        an epoch since; an epoch chosen that way and already consumed yields nothing."""
+    def __iter__(self) -> Iterator[Any]:
+        """The batches of the current epoch not consumed yet: :class:`AugMixBatch` objects, or
+        with ``as_tuples`` ``(images, target)`` where ``images`` is :meth:`AugMixBatch.concat`
+        (the ``3B`` batch clean, aug1, aug2, as timm's ``AugMixDataset`` with ``num_splits=3``
+        gives it). After a completed epoch (also one resumed at its very end) the next
+        iteration is the next epoch, as plain ``for epoch in ...: for batch in loader`` loops
+        and Lightning expect, unless :meth:`set_epoch` chose an epoch since; an epoch chosen
+        that way and already consumed yields nothing."""
         chosen, self._chosen = self._chosen, False
         if self._consumed_epoch != self.epoch:
             self._consumed = set()
@@ -230,7 +241,8 @@ class RemoteAugMixLoader:
         plan = self._plan()
         stream = _Stream(self, plan.num_batches)
         try:
-            yield from self._batches(stream, plan.num_batches - len(self._consumed))
+            for batch in self._batches(stream, plan.num_batches - len(self._consumed)):
+                yield (batch.concat(), batch.target) if self.as_tuples else batch
         finally:
             stream.stop()
 
@@ -280,16 +292,15 @@ class RemoteAugMixLoader:
         target = torch.from_numpy(item.labels).to(self.device, non_blocking=True)
         index = torch.from_numpy(item.indices)
         if images.shape[0] == 3:
-            return AugMixBatch(images[0], images[1], images[2], target, index)
+            return AugMixBatch(images[0], images[1], images[2], target, index, images)
         if self.config.augment == "none":
-            return AugMixBatch(images[0], None, None, target, index)
-        return AugMixBatch(None, images[0], None, target, index)
+            return AugMixBatch(images[0], None, None, target, index, images)
+        return AugMixBatch(None, images[0], None, target, index, images)
 
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._scale is None:
-            job = self.config
-            mean = torch.tensor(self._mean_override or job.mean, dtype=torch.float32)
-            std = torch.tensor(self._std_override or job.std, dtype=torch.float32)
+            mean = torch.tensor(self.mean, dtype=torch.float32)
+            std = torch.tensor(self.std, dtype=torch.float32)
             # (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std
             self._scale = (1.0 / (255.0 * std)).view(3, 1, 1).to(self.device)
             self._shift = (mean / std).view(3, 1, 1).to(self.device)

@@ -19,7 +19,8 @@ _LOGITS_NAMES = ("logits_clean", "logits_aug1", "logits_aug2")
 
 
 def _check_inputs(
-    logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], targets: torch.Tensor, lam: float
+    logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], targets: torch.Tensor, lam: float,
+    smoothing: float = 0.0,
 ) -> None:
     clean = logits[0]
     for name, t in zip(_LOGITS_NAMES, logits, strict=True):
@@ -46,6 +47,8 @@ def _check_inputs(
         )
     if not lam >= 0:  # also rejects NaN
         raise ValueError(f"lam must be a non-negative number, got {lam!r}")
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
 
 
 def jsd_loss(
@@ -54,8 +57,12 @@ def jsd_loss(
     logits_aug2: torch.Tensor,
     targets: torch.Tensor,
     lam: float = 12.0,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy on the clean view plus ``lam`` times the Jensen-Shannon consistency term.
+
+    ``smoothing`` > 0 smooths the clean view's labels as timm's ``JsdCrossEntropy`` does
+    (``F.cross_entropy(..., label_smoothing=smoothing)``); the default 0 is the paper's loss.
 
     Logits are ``(B, C)``; ``targets`` are ``(B,)`` class indices (or ``(B, C)`` probabilities,
     as accepted by ``F.cross_entropy``). Returns a scalar tensor.
@@ -66,7 +73,7 @@ def jsd_loss(
     (the reference form takes ``log(0)`` in the backward pass and yields NaN gradients).
     """
     views = (logits_clean, logits_aug1, logits_aug2)
-    _check_inputs(views, targets, lam)
+    _check_inputs(views, targets, lam, smoothing)
     p_c, p_1, p_2 = (F.softmax(v, dim=1) for v in views)
     log_p_c, log_p_1, log_p_2 = (F.log_softmax(v, dim=1) for v in views)
     log_m = torch.clamp((p_c + p_1 + p_2) / 3.0, 1e-7, 1).log()
@@ -75,7 +82,7 @@ def jsd_loss(
         + F.kl_div(log_m, log_p_1, reduction="batchmean", log_target=True)
         + F.kl_div(log_m, log_p_2, reduction="batchmean", log_target=True)
     ) / 3.0
-    return F.cross_entropy(logits_clean, targets) + lam * js
+    return F.cross_entropy(logits_clean, targets, label_smoothing=smoothing) + lam * js
 
 
 def split_views(logits: torch.Tensor, n_views: int = 3) -> tuple[torch.Tensor, ...]:
@@ -96,7 +103,8 @@ def split_views(logits: torch.Tensor, n_views: int = 3) -> tuple[torch.Tensor, .
 
 
 def jsd_loss_from_concat(
-    logits_all: torch.Tensor, targets: torch.Tensor, lam: float = 12.0
+    logits_all: torch.Tensor, targets: torch.Tensor, lam: float = 12.0, smoothing: float = 0.0
 ) -> torch.Tensor:
-    """``jsd_loss`` on the logits of the concatenated ``3B`` batch (clean, aug1, aug2)."""
-    return jsd_loss(*split_views(logits_all, 3), targets, lam=lam)
+    """``jsd_loss`` on the logits of the concatenated ``3B`` batch (clean, aug1, aug2), the
+    layout of ``loader(as_tuples=True)`` and of timm's ``JsdCrossEntropy(num_splits=3)``."""
+    return jsd_loss(*split_views(logits_all, 3), targets, lam=lam, smoothing=smoothing)

@@ -491,6 +491,22 @@ def test_other_image_sizes_are_served_and_the_loader_says_so(
     assert all(v.shape == (len(b), 3, size, size) for b in batches for v in (b.orig, b.aug1))
 
 
+def test_as_tuples_yields_the_3b_batch_and_targets_without_a_copy(tmp_path: Path) -> None:
+    """``for x, y in loader`` as timm loops: x is (clean, aug1, aug2) along the batch, a view
+    of the batch's memory; the same bytes as the AugMixBatch views of the same epoch."""
+    config = job(tmp_path, make_npz(tmp_path, 16), batch_size=4)
+    with dispatcher_thread(config) as d, worker_threads(d.address, 1):
+        batches = collect(RemoteAugMixLoader(d.address, ordered=True, timeout=60))
+        tuples = list(RemoteAugMixLoader(d.address, ordered=True, timeout=60, as_tuples=True))
+    assert len(tuples) == len(batches) == 4
+    for (x, y), batch in zip(tuples, batches, strict=True):
+        assert x.shape == (12, 3, 32, 32)
+        torch.testing.assert_close(x, torch.cat([batch.orig, batch.aug1, batch.aug2]))
+        torch.testing.assert_close(y, batch.target)
+        assert batch.concat().data_ptr() == batch.orig.data_ptr()  # a view: no copy
+        assert torch.equal(batch.concat()[4:8], batch.aug1)
+
+
 def test_the_loader_knows_the_classes_without_opening_the_dataset(tmp_path: Path) -> None:
     """The dispatcher names the classes in its welcome: the trainer never reads the data."""
     folder = make_image_folder(tmp_path, per_class=2, corrupt=False)

@@ -223,3 +223,23 @@ def test_rejects_empty_batch_and_integer_logits():
     lc, l1, _, y = _ok()
     with pytest.raises(TypeError, match="logits_aug2"):
         jsd_loss(lc, l1, ints, y)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_is_timms(smoothing: float) -> None:
+    """timm's JsdCrossEntropy smooths the clean view's labels: (1 - s) * NLL + s * the mean
+    of -log p over the classes (its LabelSmoothingCrossEntropy), plus the same JS term."""
+    (lc, l1, l2), targets = random_views(16, 7, 3.0, seed=5)
+    logp = np.asarray(F.log_softmax(lc, dim=1))
+    nll = -logp[np.arange(16), targets.numpy()].mean()
+    smooth = -logp.mean(axis=1).mean()
+    plain = numpy_reference(lc, l1, l2, targets, 12.0)
+    ce = -logp[np.arange(16), targets.numpy()].mean()
+    expected = plain - ce + (1 - smoothing) * nll + smoothing * smooth
+    got = jsd_loss(lc, l1, l2, targets, smoothing=smoothing)
+    assert math.isclose(float(got), expected, rel_tol=1e-9)
+    concat = jsd_loss_from_concat(torch.cat([lc, l1, l2]), targets, smoothing=smoothing)
+    assert math.isclose(float(concat), expected, rel_tol=1e-9)
+    assert float(jsd_loss(lc, l1, l2, targets)) == pytest.approx(plain, rel=1e-9)
+    with pytest.raises(ValueError, match="smoothing"):
+        jsd_loss(lc, l1, l2, targets, smoothing=1.0)

@@ -347,7 +347,7 @@ class DispatcherState:
                                  "(limits.max_streams_per_client)")
             plan = ShardPlan(self.config.seed, fields["epoch"], self.dataset_len,
                              fields["rank"], fields["world_size"], self.config.batch_size,
-                             self.config.drop_last)
+                             self.config.drop_last, fields["skip"])
             num_batches = plan.num_batches
         except ValueError as exc:
             return OpenOutcome(error=f"cannot open stream {sid[:MAX_NAME]}: {exc}")

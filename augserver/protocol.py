@@ -122,6 +122,10 @@ def _optional_str(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
 
+def _optional_bytes(value: Any) -> bool:
+    return value is None or isinstance(value, bytes)
+
+
 _STR, _BOOL, _DICT = _is(str), _is(bool), _is(dict)
 
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
@@ -148,6 +152,7 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "ordered": _BOOL,
         "credits": _non_negative_int,
         "done": _ranges,
+        "skip": _optional_bytes,
     },
     "opened": {"stream": _STR, "num_batches": _non_negative_int, "batch_bytes": _positive_int},
     "credit": {"stream": _STR, "n": _positive_int},

@@ -94,7 +94,7 @@ def streams_flood(sock: zmq.Socket, until: float) -> int:
     for epoch in range(FLOOD_STREAMS):
         sock.send_multipart(protocol.encode(
             "open", stream=f"s{epoch}", epoch=epoch, rank=0, world_size=1, ordered=False,
-            credits=HUGE_CREDITS, done=[]))
+            credits=HUGE_CREDITS, done=[], skip=None))
         sent += 1
     grants = [protocol.encode("credit", stream=f"s{e}", n=HUGE_CREDITS)
               for e in range(FLOOD_STREAMS)]

@@ -313,7 +313,7 @@ def dispatcher_tasks_per_second(
             sock.send_multipart(
                 protocol.encode(
                     "open", stream=f"s{epoch}", epoch=epoch, rank=0, world_size=1,
-                    ordered=False, credits=256, done=[],
+                    ordered=False, credits=256, done=[], skip=None,
                 )
             )  # fmt: skip
             while True:

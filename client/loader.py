@@ -9,6 +9,7 @@ and a dispatcher that goes away is reconnected to and told what was already rece
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import queue
@@ -28,7 +29,7 @@ from augserver import protocol, session
 from augserver.addresses import check_endpoint
 from augserver.config import JobConfig, config_from_dict
 from augserver.errors import RemoteError
-from augserver.plan import ShardPlan, from_ranges, to_ranges
+from augserver.plan import ShardPlan, from_ranges, served_mask, to_ranges
 from augserver.security import ClientKeys, KeySource
 from client.distributed import world
 
@@ -138,6 +139,8 @@ class RemoteAugMixLoader:
         self._consumed: set[int] = set()
         self._consumed_epoch: int | None = None
         self._chosen = False  # set_epoch since the last iteration began
+        self._skip: bytes | None = None  # an elastic resume's skip mask (augserver.plan)
+        self._skip_epoch: int | None = None  # the epoch it applies to
         self._job: JobConfig | None = None
         self._dataset_len: int | None = None
         self._classes: list[str] = []
@@ -199,27 +202,58 @@ class RemoteAugMixLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Progress in the current epoch: small and JSON-serialisable."""
+        skip = self._epoch_skip()
         return {
             "epoch": self.epoch,
             "rank": self.rank,
             "world_size": self.world_size,
             "ordered": self.ordered,
             "consumed": to_ranges(self._consumed) if self._consumed_epoch == self.epoch else [],
+            "skip": base64.b64encode(skip).decode() if skip is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue an epoch from :meth:`state_dict`: consumed batches are not streamed again."""
-        for key in ("epoch", "rank", "world_size", "consumed"):
-            if key not in state:
-                raise ValueError(f"loader state has no {key!r}: {sorted(state)}")
-        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue an epoch from :meth:`state_dict`: consumed batches are not streamed again.
+
+        ``state`` is this rank's state, or the list of the states of every rank of the run
+        that saved it, whatever its world size was (elastic resume: 4 ranks to 2 after losing
+        nodes, 2 to 3...). From such a list the rest of the epoch, what no old rank consumed,
+        is dealt to the new ranks by the usual rule: each sample once over old and new ranks
+        (bar the usual padding), the same number of batches on every new rank.
+        """
+        states = state if isinstance(state, list) else [state]
+        for one in states:
+            for key in ("epoch", "rank", "world_size", "consumed"):
+                if key not in one:
+                    raise ValueError(f"loader state has no {key!r}: {sorted(one)}")
+        first = states[0]
+        if isinstance(state, list) and (len(states) != first["world_size"] or sorted(
+                s["rank"] for s in states) != list(range(len(states)))):
+            raise ValueError(f"the states of all ranks are needed: got ranks "
+                             f"{sorted(s['rank'] for s in states)} of {first['world_size']}")
+        if len({s["epoch"] for s in states}) > 1 or len({s.get("skip") for s in states}) > 1:
+            raise ValueError("the loader states are of different epochs (or resumes)")
+        self.epoch = int(first["epoch"])
+        self._consumed_epoch = self.epoch
+        skip = base64.b64decode(first["skip"]) if first.get("skip") else None
+        if (first["rank"], first["world_size"]) == (self.rank, self.world_size):
+            mine = next(s for s in states if s["rank"] == self.rank)
+            self._consumed = from_ranges(mine["consumed"])
+            self._skip, self._skip_epoch = skip, self.epoch
+            return
+        if not isinstance(state, list):
             raise ValueError(
                 f"loader state is for rank {state['rank']} of {state['world_size']}, "
-                f"this loader is rank {self.rank} of {self.world_size}"
+                f"this loader is rank {self.rank} of {self.world_size}: pass the states of "
+                "every rank to resume on another world size"
             )
-        self.epoch = int(state["epoch"])
-        self._consumed = from_ranges(state["consumed"])
-        self._consumed_epoch = self.epoch
+        job = self.config
+        assert self._dataset_len is not None
+        old = [ShardPlan(job.seed, self.epoch, self._dataset_len, s["rank"], s["world_size"],
+                         job.batch_size, job.drop_last, skip) for s in states]
+        self._skip = served_mask(old, [from_ranges(s["consumed"]) for s in states])
+        self._skip_epoch = self.epoch
+        self._consumed = set()
 
     def __iter__(self) -> Iterator[Any]:
         """The batches of the current epoch not consumed yet: :class:`AugMixBatch` objects, or
@@ -307,6 +341,10 @@ class RemoteAugMixLoader:
         assert self._shift is not None
         return self._scale, self._shift
 
+    def _epoch_skip(self) -> bytes | None:
+        """What an elastic resume left out of the current epoch (None: nothing)."""
+        return self._skip if self._skip_epoch == self.epoch else None
+
     def _plan(self) -> ShardPlan:
         job = self.config
         assert self._dataset_len is not None
@@ -318,6 +356,7 @@ class RemoteAugMixLoader:
             self.world_size,
             job.batch_size,
             job.drop_last,
+            self._epoch_skip(),
         )
 
     def _ensure_job(self) -> None:
@@ -436,6 +475,7 @@ class _Stream:
                     ordered=loader.ordered,
                     credits=credits,
                     done=to_ranges(self.received),
+                    skip=loader._epoch_skip(),
                 ),
                 copy=False,
             )

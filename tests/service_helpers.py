@@ -326,7 +326,7 @@ class RawClient:
              credits: int = 1000, done: list[list[int]] | None = None,
              ordered: bool = False) -> protocol.Message:
         self.send("open", stream=stream, epoch=epoch, rank=rank, world_size=world_size,
-                  ordered=ordered, credits=credits, done=done or [])
+                  ordered=ordered, credits=credits, done=done or [], skip=None)
         return self.expect("opened", "error")
 
     def collect(self, streams: set[str], timeout: float = 30.0, regrant: bool = True,

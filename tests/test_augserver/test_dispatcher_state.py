@@ -39,7 +39,7 @@ def config(**keys: object) -> JobConfig:
 def open_fields(sid: str = "s", credits: int = 4, done: list[list[int]] | None = None,
                 rank: int = 0, world_size: int = 1) -> dict[str, object]:
     return {"stream": sid, "epoch": 0, "rank": rank, "world_size": world_size,
-            "ordered": False, "credits": credits, "done": done or []}
+            "ordered": False, "credits": credits, "done": done or [], "skip": None}
 
 
 def result(state: DispatcherState, task: Task, indices: list[int] | None = None,

@@ -116,7 +116,7 @@ def test_encode_refuses_bad_fields_and_dtypes() -> None:
         ([header("hello", role="worker", protocol=1, versions={"a": 1}, name="x")],
          "'versions'"),
         ([header("open", stream="s", epoch=0, rank=0, world_size=1, ordered=False,
-                 credits=1, done=[[3, 2]])], "'done'"),
+                 credits=1, done=[[3, 2]], skip=None)], "'done'"),
         ([header("result", task=0, failed=[[1, "p"]])], "'failed'"),
         ([header("error", message="m", stream=3, fatal=False)], "'stream'"),
         ([header("task", task=0, epoch=0, indices=[1, -2])], "'indices'"),

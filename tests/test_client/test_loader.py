@@ -395,21 +395,49 @@ def test_server_errors_surface_in_the_training_process(tmp_path, procs):
         collect(RemoteAugMixLoader(address, timeout=60))
 
 
-def run_two_ranks(address: str, tmp_path: Path) -> list[dict]:
-    """Two ranks of a real torch.distributed (gloo) job, each iterating one epoch of the loader
-    with an all-reduce per batch; their reports."""
-    init = f"file://{tmp_path / 'dist-init'}"
+def run_ranks(address: str, out: Path, world: int = 2, stop_after: int | None = None,
+              resume: Path | None = None) -> list[dict]:
+    """``world`` ranks of a real torch.distributed (gloo) job, each iterating one epoch of the
+    loader (or ``stop_after`` batches of it) with an all-reduce per batch; their reports."""
+    out.mkdir(parents=True, exist_ok=True)
+    init = f"file://{out / 'dist-init'}"
     script = REPO / "tests" / "distributed_rank.py"
+    extra = ["-" if stop_after is None else str(stop_after)]
+    extra += [str(resume)] if resume is not None else []
     ranks = [
         subprocess.Popen(
-            [sys.executable, str(script), address, init, str(rank), "2", str(tmp_path)],
+            [sys.executable, str(script), address, init, str(rank), str(world), str(out),
+             *extra],
             env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
-        for rank in range(2)
+        for rank in range(world)
     ]
     for proc in ranks:
         assert proc.wait(timeout=120) == 0
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def run_two_ranks(address: str, tmp_path: Path) -> list[dict]:
+    return run_ranks(address, tmp_path)
+
+
+@pytest.mark.parametrize(("old", "new"), [(4, 2), (2, 3)])
+def test_an_epoch_resumes_elastically_on_another_world_size(tmp_path, procs, old, new):
+    """W ranks consume part of an epoch and save; W' ranks resume from all W states: each
+    sample once over old and new ranks (bar padding), equal batch counts on the new ranks."""
+    n = 50
+    address = free_address()
+    procs.serve(job_config(tmp_path, n, batch_size=3), address, workers=2)
+    first = run_ranks(address, tmp_path / "first", old, stop_after=2)
+    states = tmp_path / "states.json"
+    states.write_text(json.dumps([r["state"] for r in first]))
+    second = run_ranks(address, tmp_path / "second", new, resume=states)
+    assert len({r["batches"] for r in second}) == 1
+    assert all(r["batches"] == r["len"] for r in second)
+    before = [i for r in first for i in r["indices"]]
+    after = [i for r in second for i in r["indices"]]
+    assert set(before) | set(after) == set(range(n)) and not set(before) & set(after)
+    assert len(after) - len(set(after)) < new  # repeats only as the new ranks' padding
 
 
 def test_two_ranks_under_torch_distributed(tmp_path, procs):

@@ -156,8 +156,14 @@ class RemoteAugMixLoader:
         self._chosen = True
 
     def __len__(self) -> int:
-        """Batches this rank gets per epoch (the same on every rank)."""
+        """Batches this rank gets in the current epoch (the same on every rank; after an
+        elastic resume, of what the epoch has left)."""
         return self._plan().num_batches
+
+    def batches_left(self) -> int:
+        """Batches of the current epoch this rank has not consumed yet."""
+        consumed = len(self._consumed) if self._consumed_epoch == self.epoch else 0
+        return self._plan().num_batches - consumed
 
     @property
     def classes(self) -> list[str]:

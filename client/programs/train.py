@@ -372,13 +372,15 @@ def _resume(run: _Run, announce: bool) -> None:
             print(f"no checkpoint at {path}: starting from scratch", flush=True)
         return
     state = load_checkpoint(path)
-    _check_resumable(state, run.method, run.meta, path, run.world_size)
+    _check_resumable(state, run.method, run.meta, path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(state["scaler"])
-    run.loader.load_state_dict(state["loaders"][run.rank])
+    # every rank's loader state: the same world size continues as it was, another one
+    # deals the rest of the epoch to the ranks it has now (elastic resume)
+    run.loader.load_state_dict(state["loaders"])
     set_rng_state(state["rng"])
     run.step, run.start_epoch = int(state["step"]), int(state["epoch"])
     if announce:
@@ -464,15 +466,18 @@ def train(
                  weight_decay=weight_decay, jsd_lambda=jsd_lambda, device=device,
                  checkpoint=checkpoint, checkpoint_meta=checkpoint_meta)
     show = progress and run.rank == 0
+    steps_per_epoch = len(loader)  # a whole epoch on this run's ranks
     if resume:
         _resume(run, announce=show)
     if run.world_size > 1:
         run.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    steps_per_epoch = len(loader)
-    stop_at = epochs * steps_per_epoch if max_steps is None else min(
-        max_steps, epochs * steps_per_epoch)
+    # The steps left: the rest of the current epoch (after an elastic resume, what the old
+    # ranks left, dealt to these), then whole epochs.
+    planned = run.step + loader.batches_left() + max(epochs - run.start_epoch - 1, 0) * (
+        steps_per_epoch)
+    stop_at = planned if max_steps is None else min(max_steps, planned)
     reporter = _Progress(show, sys.stderr.isatty() if bar is None else bar, log_every, stop_at)
     meter = _Meter(run.world_size)
     first_step = run.step
@@ -484,8 +489,8 @@ def train(
                 break
             loader.set_epoch(epoch)
             run.net.train()
-            done = min(max(run.step - epoch * steps_per_epoch, 0), steps_per_epoch)
-            reporter.start_epoch(epoch, epochs, steps_per_epoch, done)
+            this_epoch = len(loader)
+            reporter.start_epoch(epoch, epochs, this_epoch, this_epoch - loader.batches_left())
             batches: Iterator[AugMixBatch] = iter(loader)
             try:
                 while run.step < stop_at:
@@ -524,7 +529,7 @@ def train(
 
 
 def _check_resumable(
-    state: Mapping[str, Any], method: str, meta: Mapping[str, Any], path: Path, world_size: int
+    state: Mapping[str, Any], method: str, meta: Mapping[str, Any], path: Path
 ) -> None:
     if state.get("method") != method:
         raise TrainError(f"{path} was trained with method {state.get('method')!r}, "
@@ -532,9 +537,6 @@ def _check_resumable(
     for key in ("model_name", "num_classes"):
         if key in meta and state.get(key) != meta[key]:
             raise TrainError(f"{path} holds {key} {state.get(key)!r}, this run has {meta[key]!r}")
-    if len(state["loaders"]) != world_size:
-        raise TrainError(f"{path} was written by {len(state['loaders'])} ranks, this run has "
-                         f"{world_size}; resume with the same number of processes")
 
 
 def _index_file(folder: str | os.PathLike[str] | None, rank: int) -> TextIO | None:

@@ -202,6 +202,27 @@ def test_torchrun_two_ranks_on_gloo(jsd_server: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_a_two_rank_checkpoint_resumes_in_one_process(jsd_server: str, tmp_path: Path) -> None:
+    """Elastic resume through the trainer: 2 torchrun ranks take one batch each and save;
+    one process resumes from their checkpoint and finishes the epoch, each sample once."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ckpt = tmp_path / "ck.pt"
+    common = ["--connect", jsd_server, "--model", "small_cnn", "--no-progress", "--checkpoint",
+              str(ckpt), "--index-log", str(tmp_path / "idx")]
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "client.programs.train",
+         *common, "--max-steps", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 or TEARDOWN_ABORT in proc.stderr, proc.stdout + proc.stderr
+    assert len(load_checkpoint(ckpt)["loaders"]) == 2
+    assert main([*common, "--resume", "--epochs", "1"]) == 0
+    seen = [int(i) for rank in (0, 1) for line in
+            (tmp_path / "idx" / f"rank{rank}.txt").read_text().splitlines()
+            for i in line.split()[1:]]
+    assert sorted(seen) == list(range(48))  # 16 + 16 by the two ranks, the last 16 here
+
+
 def test_torchrun_needs_connect(data: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -87,7 +87,13 @@ from client.loader import AugMixBatch, RemoteAugMixLoader
 from client.loss import jsd_loss, split_views
 from client.programs.local_server import local_server
 from client.programs.models import MODELS, build_model
-from client.robustness.evaluation import evaluate, format_table, load_test_set, write_json
+from client.robustness.evaluation import (
+    evaluate,
+    format_table,
+    load_test_set,
+    predict,
+    write_json,
+)
 
 __all__ = [
     "METHODS",
@@ -248,13 +254,21 @@ class _Meter:
         self.time += total
         self.samples += n * self.world_size
 
-    def stats(self) -> dict[str, str]:
+    def numbers(self) -> dict[str, float]:
+        """Recent loss, samples/s and data-wait (NaN where nothing is measured yet)."""
         wait, total, samples = (sum(v) for v in zip(*self.window, strict=True))
         loss = torch.stack(self.losses[-_WINDOW:]).mean().item()
+        nan = float("nan")
+        return {"loss": loss, "samples_per_s": samples / total if total > 0 else nan,
+                "data_wait": wait / total if total > 0 else nan}
+
+    def stats(self) -> dict[str, str]:
+        n = self.numbers()
+        measured = not math.isnan(n["samples_per_s"])
         return {
-            "loss": f"{loss:.4f}",
-            "samples/s": f"{samples / total:.1f}" if total > 0 else "-",
-            "data-wait": f"{wait / total:.0%}" if total > 0 else "-",
+            "loss": f"{n['loss']:.4f}",
+            "samples/s": f"{n['samples_per_s']:.1f}" if measured else "-",
+            "data-wait": f"{n['data_wait']:.0%}" if measured else "-",
         }
 
     def loss_values(self) -> list[float]:
@@ -262,14 +276,20 @@ class _Meter:
 
 
 class _Progress:
-    """A tqdm bar per epoch on a terminal, else one line every ``log_every`` steps."""
+    """A tqdm bar per epoch on a terminal, else one line every ``log_every`` steps and at
+    least every ``log_seconds`` seconds (piped output never stays silent for long); with a
+    TensorBoard ``writer``, the same figures as scalars at each of those points."""
 
-    def __init__(self, enabled: bool, bar: bool, log_every: int, stop_at: int) -> None:
+    def __init__(self, enabled: bool, bar: bool, log_every: int, stop_at: int,
+                 log_seconds: float = 10.0, writer: Any = None) -> None:
         self.enabled = enabled
         self.bar_wanted = enabled and bar
         self.log_every = max(1, log_every)
+        self.log_seconds = log_seconds
         self.stop_at = stop_at
         self.bar: Any = None
+        self.writer = writer
+        self.last_line = time.monotonic()
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
         if self.bar_wanted:
@@ -279,17 +299,26 @@ class _Progress:
                             unit="step", dynamic_ncols=True)
         self.epoch_label = f"epoch {epoch + 1}/{epochs}"
 
-    def step(self, step: int, meter: _Meter) -> None:
+    def step(self, step: int, meter: _Meter, lr: float) -> None:
         if not self.enabled:
             return
+        now = time.monotonic()
+        due = (step % self.log_every == 0 or step == self.stop_at
+               or now - self.last_line >= self.log_seconds)
         if self.bar is not None:
             self.bar.update(1)
             if step % 10 == 0 or step == self.stop_at:
                 self.bar.set_postfix(meter.stats(), refresh=False)
-        elif step % self.log_every == 0 or step == self.stop_at:
+        elif due:
             stats = meter.stats()
             print(f"{self.epoch_label}  step {step}/{self.stop_at}  loss {stats['loss']}  "
                   f"{stats['samples/s']} samples/s  data-wait {stats['data-wait']}", flush=True)
+        if due:
+            self.last_line = now
+            if self.writer is not None:
+                for name, value in meter.numbers().items():
+                    self.writer.add_scalar(f"train/{name}", value, step)
+                self.writer.add_scalar("train/lr", lr, step)
 
     def end_epoch(self) -> None:
         if self.bar is not None:
@@ -399,6 +428,47 @@ def _step(run: _Run, batch: AugMixBatch) -> torch.Tensor:
     return loss
 
 
+class Interrupted(TrainError):
+    """Ctrl-C or SIGTERM stopped training; the checkpoint (if any) was saved first. ``code``
+    is the conventional exit status: 130 after Ctrl-C, 143 after SIGTERM."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the training loop is, to unwind as Ctrl-C does."""
+
+
+def _tensorboard(folder: str | os.PathLike[str] | None) -> Any:
+    """A TensorBoard writer for ``folder`` (None: none); a clear error without tensorboard."""
+    if folder is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--tensorboard needs the tensorboard package: pip install "
+                         "tensorboard") from None
+    return SummaryWriter(log_dir=os.fspath(folder))
+
+
+def _evaluate_epoch(run: _Run, eval_set: tuple[np.ndarray, np.ndarray], epoch: int,
+                    writer: Any, show: bool) -> float:
+    """Clean error of the model on ``eval_set`` after ``epoch``; printed and logged."""
+    x, y = eval_set
+    config = run.loader.config
+    probs = predict(run.model, x, mean=config.mean, std=config.std,
+                    device=next(run.model.parameters()).device)
+    error = float((probs.argmax(1) != y).mean())
+    if show:
+        print(f"epoch {epoch + 1}: clean test error {error:.2%} ({len(y)} samples)",
+              flush=True)
+    if writer is not None:
+        writer.add_scalar("eval/clean_error", error, run.step)
+    return error
+
+
 def _save(run: _Run) -> None:
     """Checkpoint on rank 0 with every rank's loader state (a collective under DDP: every
     rank calls it at the same steps)."""
@@ -441,7 +511,11 @@ def train(
     progress: bool = True,
     bar: bool | None = None,
     log_every: int = 50,
+    log_seconds: float = 10.0,
     index_log: str | os.PathLike[str] | None = None,
+    eval_set: tuple[np.ndarray, np.ndarray] | None = None,
+    eval_every: int = 0,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``loader``'s stream with ``method`` (one of :data:`METHODS`).
 
@@ -454,9 +528,15 @@ def train(
     end, on rank 0; ``checkpoint_meta`` (model_name, num_classes, args) is stored with it.
     ``resume`` continues from it when the file exists. ``progress``: print (rank 0 only) a tqdm
     bar per epoch when ``bar`` (default: stderr is a terminal), else a line every
-    ``log_every`` steps, and a summary line at the end. ``index_log``: a folder where each
-    rank appends the dataset indices it trained on (``rank{R}.txt``, one line per batch:
-    epoch, then the indices), to audit sharding and resumption.
+    ``log_every`` steps and at least every ``log_seconds``, and a summary line at the end.
+    ``index_log``: a folder where each rank appends the dataset indices it trained on
+    (``rank{R}.txt``, one line per batch: epoch, then the indices), to audit sharding and
+    resumption. ``eval_set`` (``(x, y)`` uint8 test images at the job's size and labels) is
+    evaluated on rank 0 every ``eval_every`` epochs (clean error); ``tensorboard``: a folder
+    where rank 0 writes the training figures and those errors for TensorBoard.
+
+    Ctrl-C or SIGTERM saves the checkpoint (when there is one) and raises
+    :class:`Interrupted`, whose message says where the run stopped and how to resume it.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -478,7 +558,9 @@ def train(
     planned = run.step + loader.batches_left() + max(epochs - run.start_epoch - 1, 0) * (
         steps_per_epoch)
     stop_at = planned if max_steps is None else min(max_steps, planned)
-    reporter = _Progress(show, sys.stderr.isatty() if bar is None else bar, log_every, stop_at)
+    writer = _tensorboard(tensorboard) if run.rank == 0 else None
+    reporter = _Progress(show, sys.stderr.isatty() if bar is None else bar, log_every, stop_at,
+                         log_seconds, writer)
     meter = _Meter(run.world_size)
     first_step = run.step
     indices = _index_file(index_log, run.rank)
@@ -503,17 +585,27 @@ def train(
                     meter.add(t1 - t0, time.perf_counter() - t0, len(batch), loss)
                     if indices is not None:
                         indices.write(f"{epoch} {' '.join(map(str, batch.index.tolist()))}\n")
-                    reporter.step(run.step, meter)
+                    reporter.step(run.step, meter, run.scheduler.get_last_lr()[0])
                     if checkpoint_every and run.step % checkpoint_every == 0 \
                             and run.step < stop_at:
                         _save(run)
             finally:
                 batches.close()  # type: ignore[attr-defined]
                 reporter.end_epoch()
+            if eval_every and eval_set is not None and (epoch + 1) % eval_every == 0 \
+                    and run.rank == 0 and loader.batches_left() == 0:
+                _evaluate_epoch(run, eval_set, epoch, writer, show)
         _save(run)
+    except KeyboardInterrupt as stop:
+        _save(run)
+        where = f"checkpoint {run.path} (resume with --resume)" if run.path else "no checkpoint"
+        raise Interrupted(f"interrupted at step {run.step} (epoch {loader.epoch + 1}): "
+                          f"{where}", 143 if isinstance(stop, _Terminated) else 130) from None
     finally:
         if indices is not None:
             indices.close()
+        if writer is not None:
+            writer.close()
     result = TrainResult(
         steps=run.step - first_step, last_step=run.step, epoch=loader.epoch,
         samples=meter.samples, seconds=time.perf_counter() - start, losses=meter.loss_values(),
@@ -553,11 +645,12 @@ def evaluate_test_set(
     model: nn.Module, source: str, *, method: str, preprocess: str, limit: int | None,
     mean: tuple[float, ...], std: tuple[float, ...], cache_dir: str | os.PathLike[str],
     device: torch.device, results: str | os.PathLike[str] | None = None, seed: int = 0,
+    image_size: int | None = None,
 ) -> dict[str, Any]:
     """Robustness evaluation of ``model`` on a test set (clean and corrupted; ``source``, as
     :func:`client.robustness.evaluation.load_test_set` takes it): print the table, write
     ``results`` JSON when given, return ``{method: result}``."""
-    x, y = load_test_set(source, preprocess, limit)
+    x, y = load_test_set(source, preprocess, limit, image_size)
     model.eval()
     result = {method: evaluate(model, x, y, mean=mean, std=std, cache_dir=cache_dir,
                                device=str(device), seed=seed)}
@@ -636,10 +729,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-cache", metavar="DIR", default=None,
                     help="corrupted test sets cache [next to the test set, corrupted/]")
     ev.add_argument("--results", metavar="JSON", default=None)
+    ev.add_argument("--eval-every", type=positive_int, default=None, metavar="EPOCHS",
+                    help="also the clean error on --eval-test every EPOCHS epochs (rank 0)")
     out = p.add_argument_group("output")
     out.add_argument("--no-progress", action="store_true",
                      help="a line every --log-every steps instead of a tqdm bar")
     out.add_argument("--log-every", type=positive_int, default=50, metavar="STEPS")
+    out.add_argument("--log-seconds", type=float, default=10.0, metavar="SECONDS",
+                     help="also a line at least this often (piped output)")
+    out.add_argument("--tensorboard", metavar="DIR", default=None,
+                     help="write loss, lr, samples/s, data-wait and eval errors for TensorBoard")
     out.add_argument("--index-log", metavar="DIR", default=None,
                      help="each rank appends the dataset indices it trained on to DIR/rankR.txt")
     return p
@@ -672,8 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size needs --dataset: with --connect the dispatcher's job sets it")
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint PATH")
+    if args.eval_every is not None and args.eval_test is None:
+        parser.error("--eval-every needs --eval-test SOURCE")
     device = _setup_device(args.device)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     completed = False
     try:
         with contextlib.ExitStack() as stack:
@@ -690,6 +791,12 @@ def main(argv: list[str] | None = None) -> int:
             status = _run(args, method, address, device)
             completed = True
             return status
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt as stop:  # before training started: nothing to save
+        print("interrupted before training started", file=sys.stderr)
+        return 143 if isinstance(stop, _Terminated) else 130
     except (TrainError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -728,10 +835,10 @@ def _small_image_preprocess(fmt: str, path: str) -> str | None:
     return None
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM (docker stop, torchrun, a batch scheduler) unwinds like Ctrl-C: the local
-    dispatcher is stopped on the way out."""
-    raise SystemExit(128 + signum)
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (docker stop, torchrun, a batch scheduler) is handled as Ctrl-C: the checkpoint
+    is saved and the local dispatcher stopped on the way out."""
+    raise _Terminated
 
 
 def _run(args: argparse.Namespace, method: str, address: str, device: torch.device) -> int:
@@ -749,17 +856,23 @@ def _run(args: argparse.Namespace, method: str, address: str, device: torch.devi
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes)
     meta = {"model_name": args.model, "num_classes": num_classes, "args": vars(args)}
+    eval_set = None
+    if args.eval_every is not None and rank == 0:
+        eval_set = load_test_set(args.eval_test, preprocess=job.preprocess,
+                                 limit=args.eval_limit, image_size=job.image_size)
     train(loader, model, method=method, epochs=args.epochs, max_steps=args.max_steps,
           lr=args.lr, weight_decay=args.weight_decay, jsd_lambda=args.jsd_lambda,
           device=device, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
           resume=args.resume, checkpoint_meta=meta, bar=False if args.no_progress else None,
-          log_every=args.log_every, index_log=args.index_log)
+          log_every=args.log_every, log_seconds=args.log_seconds, index_log=args.index_log,
+          eval_set=eval_set, eval_every=args.eval_every or 0, tensorboard=args.tensorboard)
     if args.eval_test is not None and rank == 0:
         where = Path(args.eval_test.partition(":")[2] if ":" in args.eval_test else args.eval_test)
         cache = args.eval_cache or where.resolve().parent / "corrupted"
         evaluate_test_set(model, args.eval_test, method=method, preprocess=job.preprocess,
                           limit=args.eval_limit, mean=job.mean, std=job.std,
-                     cache_dir=cache, device=device, results=args.results, seed=args.seed)
+                          cache_dir=cache, device=device, results=args.results, seed=args.seed,
+                          image_size=job.image_size)
     return 0
 
 

@@ -291,6 +291,67 @@ def test_a_stopped_trainer_takes_its_local_dispatcher_with_it(
                 os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize(("how", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_trainer_saves_its_checkpoint_and_says_so_in_one_line(
+    data: Path, tmp_path: Path, how: signal.Signals, code: int
+) -> None:
+    ckpt = tmp_path / "ck.pt"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "client.programs.train", "--dataset", f"npz:{data}",
+         "--workers", "1", "--preprocess", "cifar", "--batch-size", "16", *TINY[:-1], "1000",
+         "--no-progress", "--log-every", "1", "--checkpoint", str(ckpt),
+         "--checkpoint-every", "0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert trainer.stdout is not None
+        while "step 2/" not in trainer.stdout.readline():
+            assert trainer.poll() is None, "the trainer ended early"
+        trainer.send_signal(how)
+        _, err = trainer.communicate(timeout=60)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+    assert trainer.returncode == code, err
+    assert "Traceback" not in err
+    line = [e for e in err.splitlines() if "interrupted at step" in e]
+    assert len(line) == 1 and str(ckpt) in line[0] and "--resume" in line[0]
+    assert load_checkpoint(ckpt)["step"] >= 2
+
+
+def test_progress_lines_come_by_time_as_well_as_by_steps(
+    data: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--log-every 1000 would print nothing in 6 steps; --log-seconds 0 prints every step,
+    and --tensorboard writes the figures."""
+    status = main(["--dataset", f"npz:{data}", "--workers", "1", "--batch-size", "16",
+                   "--preprocess", "cifar", "--max-steps", "6", *TINY, "--log-every", "1000",
+                   "--log-seconds", "0", "--tensorboard", str(tmp_path / "tb")])  # fmt: skip
+    assert status == 0
+    assert capsys.readouterr().out.count("  step ") == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait"} <= set(tags)
+    assert len(events.Scalars("train/loss")) == 6
+
+
+def test_eval_every_reports_the_clean_error_each_epoch(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["--dataset", f"npz:{data}", "--workers", "1", "--batch-size", "16",
+                   "--preprocess", "cifar", "--epochs", "2", "--model", "small_cnn",
+                   "--no-progress", "--eval-test", str(data), "--eval-every", "1",
+                   "--eval-limit", "20", "--log-every", "100"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    assert re.search(r"epoch 1: clean test error \d+\.\d\d% \(20 samples\)", out), out
+    assert "epoch 2: clean test error" in out
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()]

@@ -31,14 +31,16 @@ from client.robustness.tables import CORRUPTIONS, SEVERITIES
 
 def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model on ``device``, checkpoint dict) from a :mod:`client.programs.train` checkpoint:
-    a dict with "model" (state_dict), "model_name", "num_classes", "mean" and "std"."""
+    a dict with "model" (state_dict), "model_name", "num_classes", "image_size" (32 when
+    absent: older checkpoints), "mean" and "std"."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a checkpoint dict")
     missing = [k for k in ("model", "model_name", "num_classes") if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    model = build_model(ckpt["model_name"], int(ckpt["num_classes"]))
+    model = build_model(ckpt["model_name"], int(ckpt["num_classes"]),
+                        int(ckpt.get("image_size", 32)))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
 

@@ -11,10 +11,12 @@
   parameters for 10 classes.
 - ``resnet18``: ResNet-18 in its usual CIFAR form (3x3 stride-1 stem, no max-pool, basic
   blocks [2, 2, 2, 2] of 64..512 channels, 1x1 conv + BN projection shortcuts). About 11.2M
-  parameters for 10 classes.
-- ``small_cnn``: three conv-BN-ReLU layers, for CPU demos and tests (seconds per epoch).
+  parameters for 10 classes. For inputs of :data:`LARGE_IMAGE` pixels or more,
+  ``build_model(..., image_size)`` gives it the ImageNet stem (7x7 stride-2 conv, max-pool).
+- ``small_cnn``: three conv-BN-ReLU layers, for CPU demos and tests (seconds per epoch); a
+  7x7 stride-4 first layer for large inputs.
 
-All three end in global average pooling, so they accept any input size (32x32 is the design).
+All three end in global average pooling, so they accept any input size.
 """
 
 from __future__ import annotations
@@ -121,13 +123,20 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18, CIFAR variant: 3x3 stride-1 stem and no max-pool."""
+    """ResNet-18: the CIFAR variant (3x3 stride-1 stem, no max-pool) for small images; with
+    ``imagenet_stem`` the ImageNet one (7x7 stride-2 conv and a stride-2 max-pool, 16x fewer
+    positions after the stem), which larger inputs need to be affordable."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, imagenet_stem: bool = False) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 3, 1, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
-        )
+        if imagenet_stem:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 64, 7, 2, padding=3, bias=False), nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, padding=1))
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 64, 3, 1, padding=1, bias=False), nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
         in_planes = 64
         for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
@@ -148,10 +157,13 @@ class ResNet18(nn.Module):
 # ---------------------------------------------------------------------------- small CNN
 
 
-def small_cnn(num_classes: int = 10) -> nn.Module:
-    """A small CNN for 32x32 inputs that trains in seconds on a CPU."""
+def small_cnn(num_classes: int = 10, imagenet_stem: bool = False) -> nn.Module:
+    """A small CNN that trains in seconds on a CPU: for 32x32 inputs, or with
+    ``imagenet_stem`` a 7x7 stride-4 first layer for 224x224 ones (CPU smoke runs)."""
+    first = (nn.Conv2d(3, 16, 7, stride=4, padding=3) if imagenet_stem
+             else nn.Conv2d(3, 16, 3, padding=1))
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        first, nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
@@ -160,20 +172,23 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
 
 # ---------------------------------------------------------------------------- by name
 
-_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
-    "wrn40_2": lambda num_classes: WideResNet(40, 2, num_classes),
+_BUILDERS: dict[str, Callable[[int, bool], nn.Module]] = {
+    "wrn40_2": lambda num_classes, large: WideResNet(40, 2, num_classes),
     "resnet18": ResNet18,
     "small_cnn": small_cnn,
 }
+LARGE_IMAGE = 96
+"""Inputs at least this many pixels a side get the ImageNet stem (resnet18, small_cnn)."""
 MODELS = tuple(_BUILDERS)
 """The names :func:`build_model` accepts."""
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
+def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
     """A freshly initialised model ``name`` (one of :data:`MODELS`) with ``num_classes``
-    outputs; seed torch first for reproducible weights."""
+    outputs for ``image_size`` inputs (the ImageNet stem from :data:`LARGE_IMAGE` on; the
+    WideResNet is CIFAR's at any size); seed torch first for reproducible weights."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return _BUILDERS[name](num_classes)
+    return _BUILDERS[name](num_classes, image_size >= LARGE_IMAGE)

@@ -626,8 +626,8 @@ def _check_resumable(
     if state.get("method") != method:
         raise TrainError(f"{path} was trained with method {state.get('method')!r}, "
                          f"this run is {method!r}")
-    for key in ("model_name", "num_classes"):
-        if key in meta and state.get(key) != meta[key]:
+    for key in ("model_name", "num_classes", "image_size"):
+        if key in meta and state.get(key, meta[key]) != meta[key]:
             raise TrainError(f"{path} holds {key} {state.get(key)!r}, this run has {meta[key]!r}")
 
 
@@ -854,8 +854,9 @@ def _run(args: argparse.Namespace, method: str, address: str, device: torch.devi
               f"{job.batch_size} x {world_size} rank(s), {args.epochs} epochs, {device}",
               flush=True)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, num_classes)
-    meta = {"model_name": args.model, "num_classes": num_classes, "args": vars(args)}
+    model = build_model(args.model, num_classes, job.image_size)
+    meta = {"model_name": args.model, "num_classes": num_classes,
+            "image_size": job.image_size, "args": vars(args)}
     eval_set = None
     if args.eval_every is not None and rank == 0:
         eval_set = load_test_set(args.eval_test, preprocess=job.preprocess,

@@ -64,6 +64,19 @@ def test_reference_models_have_the_published_sizes(name: str, params: int) -> No
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "small_cnn"])
+def test_large_inputs_get_the_imagenet_stem(name: str) -> None:
+    """At 224 px the first layer strides (ResNet-18: 7x7/2 and a max-pool, ImageNet's), so
+    the activations after the stem are 16x smaller than with the CIFAR stem."""
+    small, large = build_model(name, 10, 32), build_model(name, 10, 224)
+    first = next(m for m in large.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.kernel_size == (7, 7) and first.stride[0] >= 2
+    assert next(m for m in small.modules() if isinstance(m, torch.nn.Conv2d)).stride == (1, 1)
+    large.eval()
+    with torch.no_grad():
+        assert large(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+
+
 def test_small_cnn_and_bad_names() -> None:
     assert build_model("small_cnn", 7)(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
     with pytest.raises(ValueError, match="wrn40_2, resnet18, small_cnn"):

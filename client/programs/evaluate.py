@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from augserver import preprocessing
@@ -43,6 +44,14 @@ def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device = 
                         int(ckpt.get("image_size", 32)))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+def check_labels(y: np.ndarray, num_classes: int, test: str, checkpoint: str) -> None:
+    """ValueError unless every label of the test set is one of the model's classes."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{test} has labels {int(y.min())}..{int(y.max())} but the model in "
+                         f"{checkpoint} has {num_classes} outputs (num_classes): not the data "
+                         "it was trained for")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also report ImageNet-C's AlexNet-normalised mCE",
     )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (shown by default)")
     args = parser.parse_args(argv)  # fmt: skip
     try:
         model, ckpt = load_checkpoint_model(args.checkpoint, args.device)
-        x, y = load_test_set(args.test, args.preprocess or ckpt.get("preprocess"), args.limit)
+        x, y = load_test_set(args.test, args.preprocess or ckpt.get("preprocess"), args.limit,
+                             ckpt.get("image_size"))
+        check_labels(y, int(ckpt["num_classes"]), args.test, args.checkpoint)
     except (OSError, ValueError, RuntimeError, KeyError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     print(format_table({method: result}))
     if args.json:
-        write_json(result, args.json)
+        record = {"checkpoint": str(Path(args.checkpoint).resolve()), "method": method,
+                  "job": {"test": args.test, "limit": args.limit, "seed": args.seed,
+                          "params": args.params, "names": args.names,
+                          "severities": args.severities, "image_size": int(x.shape[1]),
+                          "training": ckpt.get("args")},
+                  **result}
+        write_json(record, args.json)
         print(f"results -> {args.json}")
     if args.plot:
-        if plot_error_vs_severity({method: result}, args.plot):
+        title = f"{method} ({Path(args.checkpoint).name} on {args.test})"
+        if plot_error_vs_severity({method: result}, args.plot, title):
             print(f"plot -> {args.plot}")
         else:
             print("no plot: matplotlib is not installed", file=sys.stderr)

@@ -848,6 +848,10 @@ def _run(args: argparse.Namespace, method: str, address: str, device: torch.devi
     check_method(job, method, address)
     rank, world_size = world()
     num_classes = args.num_classes or loader.num_classes
+    if num_classes < loader.num_classes:
+        raise TrainError(f"--num-classes {num_classes} is fewer than the {loader.num_classes} "
+                         f"classes of {job.dataset.format}:{job.dataset.path} (labels up to "
+                         f"{loader.num_classes - 1}): the loss would fail on the first batch")
     if rank == 0:
         print(f"{method} on {job.dataset.format}:{job.dataset.path} from {address}: "
               f"{args.model} ({num_classes} classes), {len(loader)} batches/epoch of "

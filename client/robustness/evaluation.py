@@ -256,7 +256,7 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def plot_error_vs_severity(
-    results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
+    results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str | None = None
 ) -> bool:
     """Write a PNG of the mean corruption error (over corruptions) against severity, 0 being the
     clean error, one line per method. Returns False (and writes nothing) when matplotlib is not
@@ -277,8 +277,10 @@ def plot_error_vs_severity(
             xs.append(s)
             ys.append(100 * float(np.mean(errs)))
         ax.plot(xs, ys, marker="o", label=method)
+    ax.set_title(title or "Mean corruption error by severity")
     ax.set_xlabel("severity (0 = clean)")
     ax.set_ylabel("mean corruption error (%)")
+    ax.set_ylim(bottom=0)
     ax.set_xticks(range(0, max(SEVERITIES) + 1))
     ax.grid(True, alpha=0.3)
     ax.legend()

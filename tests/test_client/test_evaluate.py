@@ -257,6 +257,19 @@ def test_plot_with_matplotlib(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_has_a_title_and_a_y_axis_from_zero(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    saved: list[Figure] = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda self, *a, **k: (saved.append(self), original(self, *a, **k)))
+    assert plot_error_vs_severity({"a": fake_result(0.3, 0.05)}, tmp_path / "p.png", "run 7")
+    (ax,) = saved[0].axes
+    assert ax.get_title() == "run 7" and ax.get_ylim()[0] == 0
+
+
 def test_plot_without_matplotlib(tmp_path, monkeypatch) -> None:
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends",
                 "matplotlib.backends.backend_agg"):  # fmt: skip
@@ -294,7 +307,11 @@ def test_cli_end_to_end(photos, tmp_path, capsys) -> None:
     expected = evaluate(model, x, y, mean=(0.5,) * 3, std=(0.5,) * 3,
                         cache_dir=tmp_path / "c", names=("contrast", "fog"), severities=(1, 2),
                         baseline=alexnet_baseline())  # fmt: skip
-    assert result == json.loads(json.dumps(expected))  # same numbers, deterministic on CPU
+    # the record names what was evaluated, then the same numbers (deterministic on CPU)
+    assert result.pop("checkpoint") == str(ckpt.resolve()) and result.pop("method") == "augmix"
+    job = result.pop("job")
+    assert job["test"] == str(npz) and job["severities"] == [1, 2] and job["image_size"] == 32
+    assert result == json.loads(json.dumps(expected))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -315,6 +332,11 @@ def test_cli_bad_files(tmp_path, capsys) -> None:
     torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10}, ckpt)
     assert evaluate_program.main(argv) == 2
     assert "needs arrays x" in capsys.readouterr().err
+    np.savez(npz, x=np.zeros((3, 8, 8, 3), np.uint8), y=np.array([0, 2, 12]))
+    torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10}, ckpt)
+    assert evaluate_program.main(argv) == 2  # was IndexError: Target 12 is out of bounds
+    err = capsys.readouterr().err
+    assert "labels 0..12" in err and "has 10 outputs (num_classes)" in err
 
 
 # ---------------------------------------------------------------------------- test sets

@@ -352,6 +352,15 @@ def test_progress_lines_come_by_time_as_well_as_by_steps(
     assert len(events.Scalars("train/loss")) == 6
 
 
+def test_num_classes_fewer_than_the_datasets_is_a_clear_error(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["--dataset", f"npz:{data}", "--workers", "1", "--batch-size", "16",
+                   "--preprocess", "cifar", "--max-steps", "1", "--num-classes", "3", *TINY])
+    assert status == 2
+    assert "--num-classes 3 is fewer than the 10 classes" in capsys.readouterr().err
+
+
 def test_eval_every_reports_the_clean_error_each_epoch(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                              "for CIFAR and imagenet otherwise]")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate a seeded random subset of this many test samples")
-    parser.add_argument("--cache", required=True, help="cache directory for corrupted sets")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache", help="cache directory for corrupted sets (PNGs, lossless)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="make each set, evaluate it and drop it: no disk, one set in memory")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--plot", help="write error vs severity as PNG here (needs matplotlib)")
     parser.add_argument("--device", default="cpu")
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (shown by default)")
     args = parser.parse_args(argv)  # fmt: skip
+    if args.cache is None and not args.no_cache:
+        parser.error("pass --cache DIR (sets kept as PNGs) or --no-cache (made and dropped)")
     try:
         model, ckpt = load_checkpoint_model(args.checkpoint, args.device)
         x, y = load_test_set(args.test, args.preprocess or ckpt.get("preprocess"), args.limit,

@@ -1,21 +1,31 @@
-"""Whole corrupted test sets, made once and kept on disk.
+"""Whole corrupted test sets, made once and kept on disk, encoded.
 
 :func:`iter_corrupted` yields every ``(name, severity)`` set of a batch of images; each is
 made with :func:`client.robustness.corruptions.corrupt_images` and saved as
-``cache_dir/<fingerprint>/<name>-<severity>.npy``, where the fingerprint hashes the images
+``cache_dir/<fingerprint>/<name>-<severity>.zip``, where the fingerprint hashes the images
 (bytes and shape), the seed, the table and :data:`VERSION`. Bump ``VERSION`` whenever a
-corruption's formula changes.
+corruption's formula or the file format changes.
+
+A set is a zip (stored, not deflated again) of one PNG per image, ``00000000.png``, ... PNG
+and not JPEG (ImageNet-C's choice, at quality 85): PNG is lossless, so an evaluation gives the
+same numbers whether a set came from the cache or was just made, while JPEG would add its own
+artefacts on top of each corruption. Encoded, a set takes a fraction of the raw uint8 bytes
+(see :func:`save_set`); only one set is in memory at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+from PIL import Image
 
 from augserver.files import atomic_write
 from client.robustness.corruptions import (
@@ -27,7 +37,7 @@ from client.robustness.corruptions import (
 )
 from client.robustness.tables import CORRUPTIONS, SEVERITIES
 
-VERSION = 1
+VERSION = 2
 
 
 def fingerprint(images: np.ndarray, seed: int = 0, params: str | None = None) -> str:
@@ -50,30 +60,55 @@ def cache_path(
     params: str | None = None,
 ) -> Path:
     """Where :func:`iter_corrupted` keeps the set ``(name, severity)`` of ``images``."""
-    return Path(cache_dir) / fingerprint(images, seed, params) / f"{name}-{severity}.npy"
+    return Path(cache_dir) / fingerprint(images, seed, params) / f"{name}-{severity}.zip"
 
 
-def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached set at ``path``, or None when missing, unreadable, truncated or mis-shaped."""
+PNG_LEVEL = 6
+"""zlib level of the PNGs: zlib's default; higher levels save little on noisy images."""
+
+
+def save_set(path: str | os.PathLike, images: np.ndarray) -> None:
+    """Write ``images`` (N x H x W x 3 uint8) as a zip of PNGs, atomically."""
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+            for i, image in enumerate(images):
+                out = io.BytesIO()
+                Image.fromarray(image).save(out, format="PNG", compress_level=PNG_LEVEL)
+                archive.writestr(f"{i:08d}.png", out.getvalue())
+
+    atomic_write(path, write)
+
+
+def load_set(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The set at ``path`` if it is complete and of ``shape``, else None (missing,
+    unreadable, truncated or mis-shaped: it is then made again)."""
+    out = np.empty(shape, np.uint8)
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):  # missing, unreadable, truncated, not an .npy
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(archive.namelist())
+            if names != [f"{i:08d}.png" for i in range(shape[0])]:
+                return None
+            for i, name in enumerate(names):
+                with Image.open(io.BytesIO(archive.read(name)), formats=["PNG"]) as img:
+                    pixels = np.asarray(img.convert("RGB"))
+                if pixels.shape != shape[1:]:
+                    return None
+                out[i] = pixels
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
         return None
-    if arr.dtype != np.uint8 or arr.shape != shape:
-        return None
-    return arr
+    return out
 
 
 def _load_or_make(
     images: np.ndarray, directory: Path, name: str, severity: int, seed: int, params: str
 ) -> tuple[np.ndarray, bool]:
     """(the set, whether it came from the cache)."""
-    path = directory / f"{name}-{severity}.npy"
-    cached = _load_cached(path, images.shape)
+    path = directory / f"{name}-{severity}.zip"
+    cached = load_set(path, images.shape)
     if cached is not None:
         return cached, True
     made = corrupt_images(images, name, severity, seed, params)
-    atomic_write(path, lambda f: np.save(f, made, allow_pickle=False))
+    save_set(path, made)
     return made, False
 
 
@@ -103,7 +138,7 @@ def _prepare_cache(
             "params": params,
             "seed": seed,
             "shape": list(images.shape),
-            "files": "<name>-<severity>.npy, uint8 N x H x W x 3",
+            "files": "<name>-<severity>.zip: one PNG per image, 00000000.png, ...",
         }
         atomic_write(meta, lambda f: f.write(json.dumps(info, indent=1).encode() + b"\n"))
     return directory, params
@@ -111,14 +146,20 @@ def _prepare_cache(
 
 def iter_sets(
     images: np.ndarray,
-    cache_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None,
     seed: int,
     names: Iterable[str],
     severities: Iterable[int],
     params: str | None,
 ) -> Iterator[tuple[str, int, np.ndarray, bool]]:
+    """``(name, severity, set, from the cache)`` for each set; with ``cache_dir`` None the
+    sets are made and nothing is written (streamed: one set in memory, no disk)."""
     images = check_images(images)
     names, severities = check_selection(names, severities)
+    if cache_dir is None:
+        params = check_params(params, images.shape[1], images.shape[2])
+        return ((name, severity, corrupt_images(images, name, severity, seed, params), False)
+                for name in names for severity in severities)
     directory, params = _prepare_cache(images, cache_dir, seed, params)
 
     def generate() -> Iterator[tuple[str, int, np.ndarray, bool]]:
@@ -132,7 +173,7 @@ def iter_sets(
 
 def iter_corrupted(
     images: np.ndarray,
-    cache_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None,
     *,
     seed: int = 0,
     names: Iterable[str] = CORRUPTIONS,
@@ -142,9 +183,9 @@ def iter_corrupted(
     """Yield ``(name, severity, corrupted NHWC uint8)`` for every name x severity, in order.
 
     Each set is made with :func:`corrupt_images` and saved atomically as
-    ``cache_dir/<fingerprint>/<name>-<severity>.npy``; a later call loads it instead of
-    recomputing. A cache file that cannot be loaded or has the wrong shape is made again.
-    Arguments are checked before the first set is made.
+    ``cache_dir/<fingerprint>/<name>-<severity>.zip`` (:func:`save_set`); a later call loads
+    it instead of recomputing. A cache file that cannot be loaded or has the wrong shape is
+    made again. Arguments are checked before the first set is made.
     """
     sets = iter_sets(images, cache_dir, seed, names, severities, params)
     return ((name, severity, arr) for name, severity, arr, _ in sets)

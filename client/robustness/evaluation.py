@@ -123,7 +123,7 @@ def evaluate(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    cache_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     seed: int = 0,

@@ -320,6 +320,28 @@ def test_cli_end_to_end(photos, tmp_path, capsys) -> None:
         assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_no_cache_streams_the_sets_and_writes_nothing(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10)
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict(), "model_name": "small_cnn", "num_classes": 10},
+               ckpt)
+    npz = tmp_path / "t.npz"
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.savez(npz, x=x, y=np.arange(6))
+    common = ["--checkpoint", str(ckpt), "--test", str(npz), "--names", "fog",
+              "--severities", "2", "--json"]
+    assert evaluate_program.main([*common, str(tmp_path / "a.json"), "--no-cache"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "m.pt", "t.npz"]
+    assert evaluate_program.main([*common, str(tmp_path / "b.json"), "--cache",
+                                  str(tmp_path / "c")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["corruptions"] == b["corruptions"]  # streamed or cached: the same numbers
+    with pytest.raises(SystemExit):
+        evaluate_program.main(common[:-1])  # neither --cache nor --no-cache
+    assert "--no-cache" in capsys.readouterr().err
+
+
 def test_cli_bad_files(tmp_path, capsys) -> None:
     npz = tmp_path / "t.npz"
     np.savez(npz, x=np.zeros((2, 8, 8, 3), np.uint8))

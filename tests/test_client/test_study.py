@@ -43,5 +43,5 @@ def test_study_trains_and_evaluates_every_method(
         assert result["training"]["steps"] == 12  # ceil(1437 / 128)
         assert method in printed
     assert "clean err %" in printed and "mCE %" in printed and "total time" in printed
-    assert sorted(p.name for p in (out / "corrupted").rglob("*.npy")) == sorted(
-        f"{n}-{s}.npy" for n in ("contrast", "gaussian_noise") for s in (1, 5))
+    assert sorted(p.name for p in (out / "corrupted").rglob("*.zip")) == sorted(
+        f"{n}-{s}.zip" for n in ("contrast", "gaussian_noise") for s in (1, 5))

@@ -626,3 +626,29 @@ def warm_up_command() -> list[str]:
     (run,) = [a for k, a in steps if k == "RUN" and "warm-up" in a]
     return json.loads(run)
 
+
+
+def test_k8s_gpu_trainer_job_sits_next_to_the_dispatcher_and_workers() -> None:
+    """deploy/k8s/overlays/gpu-trainer: the base plus a GPU Job running the example trainer,
+    built with the real kubectl kustomize; it may reach the dispatcher and resumes from its
+    checkpoint volume."""
+    docs = kustomize(K8S / "overlays" / "gpu-trainer")
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Deployment", "augserver-dispatcher"), ("Deployment", "augserver-worker"),
+            ("Service", "augserver"), ("Job", "augserver-trainer"),
+            ("PersistentVolumeClaim", "augserver-checkpoints")} <= kinds
+    job = _one(docs, "Job", "augserver-trainer")
+    pod = job["spec"]["template"]
+    spec, container = pod["spec"], pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    policy = _one(docs, "NetworkPolicy", "augserver-dispatcher")
+    admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert admitted.items() <= pod["metadata"]["labels"].items()  # may reach the dispatcher
+    args = train_parser().parse_args(container["args"])  # the trainer accepts its arguments
+    assert args.connect == "tcp://augserver:5555" and args.device == "cuda" and args.resume
+    mounts = _volume_mounts(spec, container)
+    assert Path(args.checkpoint).parent == Path("/checkpoints")
+    assert mounts["/checkpoints"]["persistentVolumeClaim"]["claimName"] == "augserver-checkpoints"
+    assert "Dockerfile.trainer" in (K8S / "overlays" / "gpu-trainer" / "kustomization.yaml"
+                                    ).read_text()

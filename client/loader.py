@@ -58,7 +58,7 @@ class AugMixBatch:
     def concat(self) -> torch.Tensor:
         """The views concatenated along the batch (clean, aug1, aug2) for one forward pass:
         a view of the batch's memory when the loader made it (no copy), else a copy."""
-        if self.views is not None:
+        if self.views is not None and len(self.views) > 1:
             return self.views.flatten(0, 1)
         views = [v for v in (self.orig, self.aug1, self.aug2) if v is not None]
         return torch.cat(views) if len(views) > 1 else views[0]

@@ -308,6 +308,29 @@ def test_lightning_fit_gets_a_new_epoch_every_epoch(tmp_path, procs):
         assert got == ShardPlan(0, epoch, N, 0, 1, 8).indices.tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_lightning_example_fits_single_process_and_ddp_on_gloo(tmp_path, procs, devices):
+    """client.programs.lightning_example: a LightningDataModule around RemoteAugMixLoader;
+    with 2 devices Lightning's DDP (gloo on CPU) gives each rank its share, equal per rank."""
+    pytest.importorskip("lightning")
+    address = free_address()
+    procs.serve(job_config(tmp_path, N), address, workers=2)
+    logs = tmp_path / "idx"
+    done = subprocess.run(
+        [sys.executable, "-m", "client.programs.lightning_example", "--connect", address,
+         "--epochs", "2", "--devices", str(devices), "--index-log", str(logs)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    per_rank = [[line.split() for line in (logs / f"rank{r}.txt").read_text().splitlines()]
+                for r in range(devices)]
+    steps = N // 8 // devices  # 48 samples, batch 8
+    for lines in per_rank:
+        assert [int(epoch) for epoch, _ in lines] == [0] * steps + [1] * steps
+        assert all(int(n) == 8 for _, n in lines)
+
+
 def test_ordered_resume_continues_the_same_stream(tmp_path, procs):
     address = free_address()
     procs.serve(job_config(tmp_path, N), address, workers=2)

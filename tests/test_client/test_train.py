@@ -315,13 +315,19 @@ def test_an_interrupted_trainer_saves_its_checkpoint_and_says_so_in_one_line(
          "--no-progress", "--log-every", "1", "--checkpoint", str(ckpt),
          "--checkpoint-every", "0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )  # fmt: skip
     try:
         assert trainer.stdout is not None
         while "step 2/" not in trainer.stdout.readline():
             assert trainer.poll() is None, "the trainer ended early"
         trainer.send_signal(how)
-        _, err = trainer.communicate(timeout=60)
+        try:
+            _, err = trainer.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            trainer.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            _, err = trainer.communicate(timeout=30)
+            pytest.fail(f"the interrupted trainer did not end:\n{err[-6000:]}")
     finally:
         if trainer.poll() is None:
             trainer.kill()

@@ -548,16 +548,18 @@ def corrupt_images(
     severity: int,
     seed: int = 0,
     params: str | None = None,
+    first_index: int = 0,
 ) -> np.ndarray:
     """Corrupt every image of an N x H x W x 3 uint8 batch; image ``i`` draws from
-    :func:`image_rng` ``(seed, name, severity, i)``, so results do not depend on batching."""
+    :func:`image_rng` ``(seed, name, severity, first_index + i)``, so results do not depend on
+    batching (a chunk starting at image ``k`` of a set passes ``first_index=k``)."""
     name = check_name(name)
     severity = check_severity(severity)
     images = check_images(images)
     params = check_params(params, images.shape[1], images.shape[2])
     out = np.empty_like(images)
     for i in range(len(images)):
-        rng = image_rng(seed, name, severity, i)
+        rng = image_rng(seed, name, severity, first_index + i)
         out[i] = _corrupt(np.ascontiguousarray(images[i]), name, severity, rng, params)
     return out
 

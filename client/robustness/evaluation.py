@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from augserver.text import render_table
-from client.robustness.cache import iter_corrupted
-from client.robustness.corruptions import default_params
+from client.robustness.cache import check_selection, iter_corrupted
+from client.robustness.corruptions import corrupt_images, default_params
 from client.robustness.metrics import classification_metrics
 from client.robustness.tables import CORRUPTIONS, SEVERITIES
 
@@ -147,7 +147,10 @@ def evaluate(
     ``baseline`` maps each corruption to its baseline errors for severities 1..5 (e.g.
     :func:`alexnet_baseline`); ``normalized_mce`` is the mean over corruptions of
     ``sum(err) / sum(baseline err)`` over the evaluated severities. Corrupted sets come from
-    (and go to) ``cache_dir`` via :func:`client.robustness.cache.iter_corrupted`.
+    (and go to) ``cache_dir`` via :func:`client.robustness.cache.iter_corrupted`; with
+    ``cache_dir`` None they are made ``batch_size`` images at a time and predicted at once,
+    so no whole corrupted set is ever held (the same numbers: each image's draws depend on
+    its index alone).
     """
     names = (names,) if isinstance(names, str) else tuple(names)
     severities = tuple(severities)
@@ -161,18 +164,15 @@ def evaluate(
         for name in names:
             if name not in baseline or len(baseline[name]) != len(SEVERITIES):
                 raise ValueError(f"baseline needs {len(SEVERITIES)} errors for {name!r}")
-    sets = iter_corrupted(
-        images, cache_dir, seed=seed, names=names, severities=severities, params=params
-    )
     run = {"mean": mean, "std": std, "batch_size": batch_size, "device": device}
     clean = classification_metrics(predict(model, images, **run), labels)
     corruptions: dict[str, dict[str, dict[str, float]]] = {}
     bar = _progress(len(names) * len(severities), progress)
     try:
-        for name, severity, corrupted in sets:
+        for name, severity, probs in _corrupted_predictions(
+                model, images, run, cache_dir, seed, names, severities, params):
             corruptions.setdefault(name, {})[str(severity)] = classification_metrics(
-                predict(model, corrupted, **run), labels
-            )
+                probs, labels)
             if bar is not None:
                 bar.set_postfix_str(f"{name}-{severity}")
                 bar.update()
@@ -205,6 +205,28 @@ def evaluate(
         "severities": list(severities),
     }
     return result
+
+
+def _corrupted_predictions(
+    model: nn.Module, images: np.ndarray, run: dict[str, Any],
+    cache_dir: str | os.PathLike | None, seed: int, names: tuple[str, ...],
+    severities: tuple[int, ...], params: str | None,
+) -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(name, severity, probabilities)`` of every corrupted set: whole cached sets, or
+    without a cache chunk by chunk (one chunk of corrupted images in memory at a time)."""
+    if cache_dir is not None:
+        for name, severity, corrupted in iter_corrupted(
+                images, cache_dir, seed=seed, names=names, severities=severities, params=params):
+            yield name, severity, predict(model, corrupted, **run)
+        return
+    check_selection(names, severities)
+    step = run["batch_size"]
+    for name in names:
+        for severity in severities:
+            chunks = [predict(model, corrupt_images(images[k:k + step], name, severity, seed,
+                                                    params, first_index=k), **run)
+                      for k in range(0, len(images), step)]
+            yield name, severity, np.concatenate(chunks)
 
 
 # -------------------------------------------------------------------------------- reporting

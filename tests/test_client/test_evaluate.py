@@ -330,7 +330,7 @@ def test_no_cache_streams_the_sets_and_writes_nothing(tmp_path, capsys) -> None:
     x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     np.savez(npz, x=x, y=np.arange(6))
     common = ["--checkpoint", str(ckpt), "--test", str(npz), "--names", "fog",
-              "--severities", "2", "--json"]
+              "--severities", "2", "--batch-size", "4", "--json"]  # chunks of 4 of 6
     assert evaluate_program.main([*common, str(tmp_path / "a.json"), "--no-cache"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "m.pt", "t.npz"]
     assert evaluate_program.main([*common, str(tmp_path / "b.json"), "--cache",

@@ -775,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--eval-every needs --eval-test SOURCE")
     device = _setup_device(args.device)
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    # Ctrl-C saves too, also where SIGINT came ignored (a job started with & from a script)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     completed = False
     try:
         with contextlib.ExitStack() as stack:
@@ -802,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         _leave_process_group(completed)
 
 

@@ -50,6 +50,9 @@ The full file, every key at its default (only ``dataset`` is required)::
       max_unread_replies: 64         # replies a peer may leave unread; beyond, they are
                                      # dropped (logged): a peer that never reads cannot grow
                                      # the dispatcher
+      io_threads: 0                  # ZeroMQ I/O threads of the dispatcher: each connection
+                                     # (trainer, worker) is served by one; 0: one per 4 cores,
+                                     # 1 to 4
       sample_seconds: 60.0           # a sample that takes longer to make is failed (reported
                                      # with its path, error_policy applies), never retried
       no_worker_seconds: 120.0       # a stream no worker could serve this long fails, saying
@@ -124,10 +127,16 @@ class Limits:
     max_held_bytes: int = 2**32
     max_streams_per_client: int = 16
     max_unread_replies: int = 64
+    io_threads: int = 0
     sample_seconds: float = 60.0
     no_worker_seconds: float = 120.0
     task_seconds: float = 300.0
     max_image_pixels: int = 89_478_485
+
+    @property
+    def zmq_io_threads(self) -> int:
+        """``io_threads``, or with 0 one per 4 cores of this host, 1 to 4."""
+        return self.io_threads or max(1, min(4, (os.cpu_count() or 1) // 4))
 
     @property
     def heartbeat_timeout(self) -> float:
@@ -468,6 +477,7 @@ def config_from_dict(
             max_held_bytes=r.integer(limits, "limits.max_held_bytes", 1),
             max_streams_per_client=r.integer(limits, "limits.max_streams_per_client", 1),
             max_unread_replies=r.integer(limits, "limits.max_unread_replies", 1),
+            io_threads=r.integer(limits, "limits.io_threads", 0),
             sample_seconds=r.number(limits, "limits.sample_seconds"),
             no_worker_seconds=r.number(limits, "limits.no_worker_seconds"),
             task_seconds=r.number(limits, "limits.task_seconds"),

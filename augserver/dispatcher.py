@@ -94,7 +94,7 @@ class Dispatcher:
         self.next_probe = 0.0
         self.supervisor: Supervised | None = None
         self.snapshot: DispatcherStats | None = None  # see start_snapshots()
-        self.context = zmq.Context()
+        self.context = zmq.Context(io_threads=self.limits.zmq_io_threads)
         self.sock = self._bind(config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.handlers: dict[str, dict[str, Callable[[Peer, protocol.Message], None]]] = {

@@ -542,6 +542,25 @@ def test_serve_restarts_a_killed_worker_and_status_shows_it(tmp_path: Path) -> N
     assert "SIGKILL" in log and "restarting" in log
 
 
+@pytest.mark.parametrize("io_threads", [1, 3])
+def test_the_dispatcher_runs_the_configured_zeromq_io_threads(
+    tmp_path: Path, io_threads: int
+) -> None:
+    """limits.io_threads: each connection is served by one of them (bench/dataplane.py
+    measures the relay spreading over them with several trainers)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, make_npz(tmp_path, n=16), limits={"io_threads": io_threads})
+    serve = spawn(["serve", "--config", str(config), "--bind", address, "--log-level",
+                   "WARNING"])
+    try:
+        request_status(address, 20.0)
+        names = [Path(f"/proc/{serve.pid}/task/{t}/comm").read_text().strip()
+                 for t in os.listdir(f"/proc/{serve.pid}/task")]
+        assert sum(n.startswith("ZMQbg/IO/") for n in names) == io_threads
+    finally:
+        end_process(serve)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

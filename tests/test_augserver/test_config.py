@@ -172,7 +172,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         "tcp://127.0.0.1:6000",
         4,
     )
-    assert config.limits == Limits(1 << 20, 0.25, 5, 1, 1 << 24, 1 << 26, 3, 9, 3, 5.5, 7.5, 9.5, 4096)
+    assert config.limits == Limits(
+        1 << 20, 0.25, 5, 1, 1 << 24, 1 << 26, 3, 9, 3, 5.5, 7.5, 9.5, 4096)
     expected = json.loads(json.dumps(FULL))
     expected["dataset"]["path"] = str(tmp_path / "train.npz")
     assert config.to_dict() == expected

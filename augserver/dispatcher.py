@@ -324,8 +324,12 @@ class Dispatcher:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             self.state.outboxes.release(ident)
-            if ident in self.state.peers:
-                log.warning("%s is unreachable; forgetting it", self._who(ident))
+            peer = self.state.peers.get(ident)
+            if peer is not None:
+                # A client whose streams are done has simply closed its socket: routine.
+                busy = peer.role == "worker" or peer.streams
+                log.log(logging.WARNING if busy else logging.INFO,
+                        "%s is unreachable; forgetting it", self._who(ident))
                 self.state.forget(ident)
             return False
 

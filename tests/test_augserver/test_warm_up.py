@@ -76,6 +76,9 @@ def test_serve_compiles_once_and_its_workers_load_from_the_cache(tmp_path: Path)
         loader = RemoteAugMixLoader(address, timeout=120)
         batch = next(iter(loader))
         assert len(batch) == 4
+        # the first batch may come from one worker while the other still loads its kernels
+        wait_for(lambda: [w.state for w in request_status(address).workers] == ["ready"] * 2,
+                 60, "both workers to load their kernels")
     finally:
         end_process(serve)
     text = log.read_text()

@@ -4,6 +4,8 @@ A batch of ``n`` samples is three arrays: ``views`` uint8 ``(V, n, H, W, 3)`` (V
 orig, aug1, aug2; else 1), ``labels`` int64 ``(n,)`` and ``indices`` int64 ``(n,)`` (the
 dataset index of each sample). The views of one sample are ``views[:, i]``; the samples of one
 view are contiguous, so the clean views of a batch are one block, then each AugMix view's.
+A batch whose views lie in a shared-memory slot (:mod:`augserver.shm`) sends only the labels
+and indices; its views are ``views_shape(n)`` from the slot's start.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class BatchLayout:
     @property
     def sample_bytes(self) -> int:
         """Bytes one sample takes in a batch message: its pixels, label and index."""
-        return self.views * self.side * self.side * 3 + SAMPLE_OVERHEAD
+        return self.views_bytes_per_sample + SAMPLE_OVERHEAD
 
     def message_bytes(self, n: int) -> int:
         """Bytes of the arrays of a batch of ``n`` samples (what credits are counted in)."""
@@ -43,8 +45,19 @@ class BatchLayout:
         """An uninitialised views array for ``n`` samples, for a worker to fill."""
         return np.empty(self.views_shape(n), VIEWS_DTYPE)
 
-    def problem(self, specs: list[tuple[np.dtype, tuple[int, ...]]]) -> str | None:
-        """What is wrong with a batch's ``(dtype, shape)`` array specs, or None."""
+    @property
+    def views_bytes_per_sample(self) -> int:
+        return self.views * self.side * self.side * 3
+
+    def problem(self, specs: list[tuple[np.dtype, tuple[int, ...]]],
+                in_slot: bool = False) -> str | None:
+        """What is wrong with a batch's ``(dtype, shape)`` array specs, or None; ``in_slot``:
+        the views are in a shared-memory slot, so only the labels and indices are sent."""
+        if in_slot:
+            if len(specs) != ARRAYS - 1:
+                return f"{len(specs)} arrays instead of 2 (labels, indices; views in a slot)"
+            specs = [(VIEWS_DTYPE, self.views_shape(specs[1][1][0] if specs[1][1] else 0)),
+                     *specs]
         if len(specs) != ARRAYS:
             return f"{len(specs)} arrays instead of {ARRAYS} (views, labels, indices)"
         (views, shape), (labels, n_labels), (indices, n_indices) = specs

@@ -56,6 +56,7 @@ INBOUND_MESSAGES = 16
 peer then waits: nothing is lost). A worker sends at most its slots' results and a heartbeat
 at a time, a client its grants and a ping: this is ample for any peer that is not flooding."""
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)  # plain ints: no enum arithmetic
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class MessageError(Exception):
@@ -179,6 +180,8 @@ class Dispatcher:
     def _drain(self) -> None:
         """Handle up to a burst of waiting messages, then assign what they made possible."""
         for _ in range(_BURST):
+            if not self.sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a zmq.Again
+                break
             try:
                 frames = [self.sock.recv(_NOBLOCK, copy=False)]
             except zmq.Again:
@@ -367,8 +370,8 @@ class Dispatcher:
                         fatal=True)
             return
         frames = protocol.relay("batch", message, {  # the frames as received: not copied
-            "stream": stream.id, "position": task.position, "failed": message["failed"]},
-            outcome.receipt)
+            "stream": stream.id, "position": task.position, "failed": message["failed"],
+            "slot": outcome.slot}, outcome.receipt)
         if self._send(stream.client, frames) and outcome.end:
             self._reply(stream.client, "end", stream=stream.id)
 
@@ -388,12 +391,15 @@ class Dispatcher:
             self._reply(client.ident, "end", stream=sid)
             return
         plan = stream.plan
-        log.info("client %s opened stream %s: epoch %d, rank %d/%d, %d of %d batches to send",
-                 client.name, sid, plan.epoch, plan.rank, plan.world_size, stream.remaining,
-                 plan.num_batches)
+        log.info("client %s opened stream %s: epoch %d, rank %d/%d, %d of %d batches to send, "
+                 "%s", client.name, sid, plan.epoch, plan.rank, plan.world_size,
+                 stream.remaining, plan.num_batches,
+                 f"shared memory offered ({stream.shm.slots} slots)" if stream.shm else
+                 "over TCP")
 
     def _credit(self, client: Peer, message: protocol.Message) -> None:
-        self.state.credit(client, message["stream"], message["n"], time.monotonic())
+        self.state.credit(client, message["stream"], message["n"], time.monotonic(),
+                          message["free"])
 
     def _close(self, client: Peer, message: protocol.Message) -> None:
         self.state.close(client, message["stream"])
@@ -443,8 +449,11 @@ class Dispatcher:
 
 
 def _task_message(task: Task) -> list[Any]:
+    pool = task.stream.shm
+    slot = pool.wire(task.slot) if pool is not None and task.slot is not None else None
     return protocol.pack("task", (), {"task": task.id, "epoch": task.stream.plan.epoch,
-                                      "indices": task.batch.tolist()}, task.receipt)
+                                      "indices": task.batch.tolist(), "slot": slot},
+                         task.receipt)
 
 
 def class_names(dataset: Dataset) -> list[str]:

@@ -25,12 +25,21 @@ Failures. A worker silent for ``limits.heartbeat_timeout`` seconds and a client 
 returns its tasks to their streams, forgetting a client ends its streams. A result for a task
 that is no longer out (re-issued, or its stream ended) is a duplicate and dropped; a result
 that does not match its task is rejected and its task re-issued.
+
+Shared memory. A stream whose client offered an arena (``open``'s ``shm``) has a
+:class:`~augserver.slot_pool.SlotPool`: its tasks carry a free slot, and a worker that writes
+there sends only labels and indices, relayed with the slot's number. Such a stream's credits
+are capped by its slots (the client's memory, not the dispatcher's), and a task with a slot
+does not count against the dispatcher's byte budgets, since its pixels never pass here. A
+worker that cannot see the arena sends over TCP and gets no slot of it again; a stream without
+a free slot sends over TCP too.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +51,7 @@ from augserver.config import JobConfig
 from augserver.outbox import Outboxes
 from augserver.plan import ShardPlan
 from augserver.scaling import StreamMeter, estimate
+from augserver.slot_pool import SlotPool
 from augserver.stats import (
     ClientStats,
     Counters,
@@ -89,6 +99,18 @@ class Stream:
     delivered: set[int] = field(default_factory=set)
     alive: bool = True
     meter: StreamMeter = field(default_factory=StreamMeter)  # consumption and data-wait
+    shm: SlotPool | None = None  # the client's arena, when it offered one
+    shm_batches: int = 0  # delivered through shared memory
+    tcp_batches: int = 0  # delivered with their pixels
+
+    def path(self) -> str:
+        """How its batches travel: ``shm``, ``tcp`` or ``shm+tcp`` (before the first batch:
+        ``shm`` when an arena was offered)."""
+        if self.shm_batches and self.tcp_batches:
+            return "shm+tcp"
+        if self.shm_batches or (self.shm is not None and not self.tcp_batches):
+            return "shm"
+        return "tcp"
 
     def can_take(self) -> bool:
         return bool(self.pending) and len(self.in_flight) < self.credits
@@ -105,6 +127,7 @@ class Task:
     worker: bytes
     issued: float = 0.0
     receipt: int = 0  # stamped on the task message (see augserver.outbox)
+    slot: int | None = None  # in the stream's arena, when its views go through shared memory
 
 
 @dataclass(eq=False)
@@ -144,6 +167,7 @@ class ResultOutcome:
     problem: str | None = None
     receipt: int = 0  # ``relay``: to stamp on the batch
     end: bool = False
+    slot: int | None = None  # ``relay``: the views are in this slot of the client's arena
 
 
 @dataclass
@@ -180,6 +204,7 @@ class DispatcherState:
         self.served_at: float | None = None  # last time some worker could take tasks
         self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # seconds per task
         self.outboxes = Outboxes(self.limits.max_unread_replies)
+        self.inline_tasks = 0  # tasks out without a slot: their pixels will come here
 
     # ------------------------------------------------------------------ peers
 
@@ -197,10 +222,9 @@ class DispatcherState:
         for task_id in [t for t, w in self.ended.items() if w == ident]:
             del self.ended[task_id]
         for task_id in sorted(peer.tasks):
-            task = self.tasks.pop(task_id, None)
+            task = self._untrack(task_id)
             if task is not None and task.stream.alive:
-                del task.stream.in_flight[task.position]
-                heapq.heappush(task.stream.pending, task.position)
+                self._lose(task)
                 self.counters.tasks_reissued += 1
         for stream in list(peer.streams.values()):
             self.drop_stream(stream)
@@ -259,18 +283,22 @@ class DispatcherState:
         if task is None or task.worker != worker.ident or task.position in task.stream.delivered:
             self.counters.duplicates_dropped += 1
             return ResultOutcome(DUPLICATE)
-        del self.tasks[task.id]
+        self._untrack(task.id)
         worker.tasks.discard(task.id)
         stream = task.stream
         del stream.in_flight[task.position]
-        problem = self._check_result(task, message)
+        given = task.slot is not None
+        slot = self._settle_slot(task, message["slot"])
+        problem = self._check_result(task, message, slot is not None, given)
         if problem is not None:
+            if slot is not None:
+                self._settle_slot(task, protocol.SLOT_NONE)  # its writer is done
             heapq.heappush(stream.pending, task.position)
             self.counters.tasks_reissued += 1
             return ResultOutcome(REJECTED, task, f"result of task {task.id}: {problem}; "
                                                  "task re-issued")
         failed = message["failed"]
-        samples = message.specs[2][1][0]
+        samples = message.specs[-1][1][0]
         self._record(worker, failed, samples, now)
         if failed and (self.config.error_policy == "fail" or samples < len(task.batch)):
             self.drop_stream(stream)
@@ -283,8 +311,49 @@ class DispatcherState:
         end = stream.remaining == 0
         if end:
             self.drop_stream(stream)
+        if slot is not None:
+            stream.shm_batches += 1
+            self.counters.batches_shm += 1
+            assert stream.shm is not None
+            stream.shm.deliver(slot)
+        else:
+            stream.tcp_batches += 1
+            self.counters.batches_tcp += 1
         receipt = self.outboxes.data(stream.client, protocol.size(message.frames))
-        return ResultOutcome(RELAY, task, end=end, receipt=receipt)
+        return ResultOutcome(RELAY, task, end=end, receipt=receipt, slot=slot)
+
+    def _settle_slot(self, task: Task, status: Any) -> int | None:
+        """What a result's ``slot`` status means for its task's slot: the slot holding the
+        views (``written``), else None, the slot freed or, if someone may still write it,
+        quarantined. A slot claimed without one given is left to the result check."""
+        pool, slot = task.stream.shm, task.slot
+        if slot is None or pool is None:
+            return None
+        task.slot = None
+        if status == protocol.SLOT_WRITTEN:
+            task.slot = slot
+            return slot
+        if status == protocol.SLOT_DIRTY:
+            pool.lost(slot)
+        else:
+            pool.untouched(slot, task.worker if status == protocol.SLOT_UNUSABLE else None)
+        return None
+
+    def _untrack(self, task_id: int) -> Task | None:
+        """Remove a task from those out (keeping the count of inline ones)."""
+        task = self.tasks.pop(task_id, None)
+        if task is not None and task.slot is None:
+            self.inline_tasks -= 1
+        return task
+
+    def _lose(self, task: Task) -> None:
+        """``task``'s worker is lost (dead or stalled): its position goes back to pending and
+        its slot, which the worker might still write, to quarantine."""
+        stream = task.stream
+        del stream.in_flight[task.position]
+        heapq.heappush(stream.pending, task.position)
+        if task.slot is not None and stream.shm is not None:
+            stream.shm.lost(task.slot)
 
     def _failure_message(self, task: Task, message: protocol.Message) -> str:
         """The stream's error for a result with failed samples that cannot be delivered."""
@@ -292,27 +361,30 @@ class DispatcherState:
         if self.config.error_policy == "fail":
             index, path, error = failed[0]
             return f"sample {index} ({path}) cannot be used and error_policy is fail: {error}"
-        missing = Counter(task.batch.tolist()) - Counter(message.arrays[2].tolist())
+        missing = Counter(task.batch.tolist()) - Counter(message.arrays[-1].tolist())
         index, path, error = next(f for f in failed if f[0] in missing)
         return (f"sample {index} ({path}) cannot be used and none of the samples after it can "
                 f"stand in for it (error_policy skip): {error}")
 
-    def _check_result(self, task: Task, message: protocol.Message) -> str | None:
+    def _check_result(self, task: Task, message: protocol.Message, in_slot: bool,
+                      given: bool) -> str | None:
         """What is wrong with a result's arrays for ``task``, or None. The usual result (every
         sample made) is recognised by its shapes and index bytes; then the labels must lie in
         the dataset's classes. A failed sample may be replaced in its place by another (a
         substitute) or be missing."""
-        problem = self.layout.problem(message.specs)
+        if message["slot"] in (protocol.SLOT_WRITTEN, protocol.SLOT_DIRTY) and not given:
+            return f"it says its slot is {message['slot']} but it was given none"
+        problem = self.layout.problem(message.specs, in_slot)
         if problem is not None:
             return problem
         # int64 (checked above); plain min/max: a numpy array costs more on this hot path
-        labels = memoryview(message.frames[1]).cast("B").cast("q")
+        labels = memoryview(message.frames[-2]).cast("B").cast("q")
         if len(labels) and not (min(labels) >= 0 and max(labels) < self.num_classes):
             return (f"labels {min(labels)}..{max(labels)} are not all classes of this "
                     f"dataset (0..{self.num_classes - 1})")
-        if message.frames[2].bytes == task.batch.tobytes():
+        if message.frames[-1].bytes == task.batch.tobytes():
             return None
-        made, batch = Counter(message.arrays[2].tolist()), Counter(task.batch.tolist())
+        made, batch = Counter(message.arrays[-1].tolist()), Counter(task.batch.tolist())
         removed, added = batch - made, made - batch  # failed samples, their substitutes
         if removed != Counter(f[0] for f in message["failed"]) or added.total() > removed.total() \
                 or not all(0 <= i < self.dataset_len for i in added):
@@ -354,17 +426,23 @@ class DispatcherState:
         pending = _missing(num_batches, fields["done"])
         if not pending:
             return OpenOutcome(num_batches=num_batches)
+        shm = SlotPool.offered(fields["shm"]) if fields.get("shm") is not None else None
+        cap = max(self.cap, shm.slots) if shm is not None else self.cap
         stream = Stream(client.ident, sid, plan, fields["ordered"],
-                        min(fields["credits"], self.cap), self.cap, pending, len(pending), now)
+                        min(fields["credits"], cap), cap, pending, len(pending), now, shm=shm)
         client.streams[sid] = stream
         self.streams[(client.ident, sid)] = stream
         stream.meter.credits(now, stream.credits)
         return OpenOutcome(num_batches=num_batches, stream=stream)
 
-    def credit(self, client: Peer, sid: str, n: int, now: float) -> None:
-        """The client consumed ``n`` batches of stream ``sid``: that many more may go out."""
+    def credit(self, client: Peer, sid: str, n: int, now: float,
+               free: list[int] | None = None) -> None:
+        """The client consumed ``n`` batches of stream ``sid``: that many more may go out;
+        ``free``: the slots of its arena it has copied out."""
         stream = client.streams.get(sid)
         if stream is not None:  # else: ended already, a grant still on its way
+            if free and stream.shm is not None:
+                stream.shm.released(free)
             stream.credits = min(stream.credits + n, stream.cap)
             stream.meter.credits(now, stream.credits)
 
@@ -383,7 +461,7 @@ class DispatcherState:
         if client is not None and client.streams.get(stream.id) is stream:
             del client.streams[stream.id]
         for task_id in stream.in_flight.values():
-            task = self.tasks.pop(task_id, None)
+            task = self._untrack(task_id)
             worker = self.peers.get(task.worker) if task else None
             if worker is not None:
                 worker.tasks.discard(task_id)
@@ -399,7 +477,7 @@ class DispatcherState:
         floor = self.limits.task_seconds
         if not self.durations:
             return floor
-        return max(floor, STALL_FACTOR * float(np.median(self.durations)))
+        return max(floor, STALL_FACTOR * statistics.median(self.durations))
 
     def stalled(self, now: float) -> list[Task]:
         """Re-issue the tasks out longer than :meth:`stall_limit` (a worker that heartbeats
@@ -408,12 +486,11 @@ class DispatcherState:
         limit = self.stall_limit()
         late = [t for t in self.tasks.values() if now - t.issued > limit]
         for task in late:
-            del self.tasks[task.id]
+            self._untrack(task.id)
             worker = self.peers.get(task.worker)
             if worker is not None:
                 worker.tasks.discard(task.id)
-            del task.stream.in_flight[task.position]
-            heapq.heappush(task.stream.pending, task.position)
+            self._lose(task)
             self.counters.tasks_reissued += 1
             self.counters.tasks_stalled += 1
         return late
@@ -429,31 +506,34 @@ class DispatcherState:
                       key=lambda p: p.free, reverse=True)
         while idle:
             for worker in idle:
-                stream = self._next_stream()
+                stream = self._next_stream(worker)
                 if stream is None:
                     return assigned
                 assigned.append(self._assign(worker, stream, now))
             idle = [w for w in idle if w.free > 0]
         return assigned
 
-    def _next_stream(self) -> Stream | None:
+    def _next_stream(self, worker: Peer) -> Stream | None:
         streams = list(self.streams.values())
         for offset in range(len(streams)):
             stream = streams[(self.turn + offset) % len(streams)]
-            if stream.can_take() and self._room(stream.client):
+            shm = stream.shm is not None and stream.shm.can_take(worker.ident)
+            if stream.can_take() and (shm or self._room(stream.client)):
                 self.turn = (self.turn + offset + 1) % len(streams)
                 return stream
         return None
 
     def held_bytes(self) -> int:
-        """What the dispatcher holds or has in flight for all peers: tasks out (their batches
-        will come back to be relayed) and data sent and not yet shown read."""
-        return self.outboxes.data_bytes + self.batch_bytes * len(self.tasks)
+        """What the dispatcher holds or has in flight for all peers: tasks out without a
+        slot (their batches will come back to be relayed) and data sent and not yet shown
+        read."""
+        return self.outboxes.data_bytes + self.batch_bytes * self.inline_tasks
 
     def client_bytes(self, client: bytes) -> int:
         """:meth:`held_bytes` for one client."""
         peer = self.peers.get(client)
-        out = sum(len(s.in_flight) for s in peer.streams.values()) if peer else 0
+        out = sum(1 for s in peer.streams.values() for t in s.in_flight.values()
+                  if self.tasks[t].slot is None) if peer else 0
         return self.outboxes.unread_data(client) + self.batch_bytes * out
 
     def _room(self, client: bytes) -> bool:
@@ -468,9 +548,12 @@ class DispatcherState:
     def _assign(self, worker: Peer, stream: Stream, now: float) -> Task:
         position = heapq.heappop(stream.pending)
         batch = stream.plan.batch(position)
+        slot = stream.shm.take(worker.ident) if stream.shm is not None else None
         task = Task(next(self.task_ids), stream, position, batch, worker.ident, now,
-                    self.outboxes.task(worker.ident, TASK_BYTES + 9 * len(batch)))
+                    self.outboxes.task(worker.ident, TASK_BYTES + 9 * len(batch)), slot)
         self.tasks[task.id] = task
+        if slot is None:
+            self.inline_tasks += 1
         stream.in_flight[position] = task.id
         worker.tasks.add(task.id)
         worker.free -= 1
@@ -514,7 +597,8 @@ def _stream_stats(stream: Stream, now: float) -> StreamStats:
         stream=stream.id, epoch=plan.epoch, rank=plan.rank, world_size=plan.world_size,
         ordered=stream.ordered, num_batches=plan.num_batches, delivered=len(stream.delivered),
         credits=stream.credits, in_flight=len(stream.in_flight), pending=len(stream.pending),
-        **stream.meter.stats(now),
+        **stream.meter.stats(now), path=stream.path(), shm_batches=stream.shm_batches,
+        tcp_batches=stream.tcp_batches,
     )
 
 

@@ -13,16 +13,16 @@ Everyone connects to the dispatcher's one ROUTER socket with a DEALER socket and
 worker                                   dispatcher
   hello{role=worker, versions}    ->       <- welcome{config, dataset_len, classes, dataset}
                                            <- refused{reason}
-  ready{slots, dataset}           ->       <- task{task, epoch, indices}  (at most slots)
+  ready{slots, dataset}           ->       <- task{task, epoch, indices, slot}  (at most slots)
                                            <- refused{reason}  (the dataset differs)
-  result{task, failed} + arrays   ->          (arrays: views uint8 (V,n,H,W,3), labels, indices;
-                                              a result gives back the slot its task used)
+  result{task, failed, slot}      ->          (arrays: views uint8 (V,n,H,W,3), labels, indices;
+    + arrays                                  a result gives back the worker slot its task used)
   heartbeat{}  every interval     ->       <- heartbeat{} | reset{reason} (unknown worker)
 
 client                                   dispatcher
   hello{role=client, versions}    ->     <- welcome{config, dataset_len, classes} | refused{reason}
   open{stream, epoch, rank, ...}  ->       <- opened{stream, num_batches, batch_bytes}
-  credit{stream, n}               ->       <- batch{stream, position, failed} + arrays
+  credit{stream, n, free}         ->       <- batch{stream, position, failed, slot} + arrays
   ping{}                          ->       <- pong{} | reset{reason}
   close{stream}                   ->       <- end{stream} once every batch was sent
                                            <- error{message, stream, fatal}
@@ -34,6 +34,15 @@ status                                   dispatcher
 the number of array frames and each frame's size against its declared dtype and shape. Any
 violation is a :class:`ProtocolError`; receivers log it, answer ``error`` where they can, and
 keep serving.
+
+Shared memory (:mod:`augserver.shm`). A client whose host can offers its arena in ``open``'s
+``shm`` (``{arena, token, slots, slot_bytes}``, else None). A task may then carry a ``slot``
+(``{arena, token, slot}``, else None): the worker writes the views there if it can and answers
+with ``slot`` ``written`` and only the labels and indices as arrays; else it sends the views
+as usual and says ``unusable`` (it cannot see the arena), ``dirty`` (a thread it abandoned may
+still write the slot) or ``none``. The batch to the client names the slot (``slot``, else
+None, the views then following as on TCP), and the client's ``credit`` lists in ``free`` the
+slots it has copied out and released.
 """
 
 from __future__ import annotations
@@ -48,11 +57,13 @@ import msgpack
 import numpy as np
 
 from augserver.errors import ProtocolError
+from augserver.shm import MAX_SLOTS, NAME, SLOT_ALIGN, TOKEN_BYTES
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """2: ``welcome`` names the dataset's classes; ``welcome`` and ``ready`` carry the dataset's
 fingerprint (:meth:`augserver.datasets.Dataset.fingerprint`). 3: every message may carry a
-receipt ``r`` (see :data:`MAX_RECEIPT`)."""
+receipt ``r`` (see :data:`MAX_RECEIPT`). 4: the shared-memory fields ``open.shm``,
+``task.slot``, ``result.slot``, ``batch.slot`` and ``credit.free``."""
 MAX_RECEIPT = (1 << 63) - 1
 """Receipts are integers in ``0..MAX_RECEIPT``, 0 meaning none. The dispatcher stamps each
 message it sends with a fresh random receipt; a peer returns, on what it sends, the receipt of
@@ -126,6 +137,41 @@ def _optional_bytes(value: Any) -> bool:
     return value is None or isinstance(value, bytes)
 
 
+def _arena(value: Any) -> bool:
+    return (isinstance(value, str) and NAME.fullmatch(value) is not None)
+
+
+def _token(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == TOKEN_BYTES
+
+
+def _offered_arena(value: Any) -> bool:
+    """``open.shm``: None or ``{arena, token, slots, slot_bytes}``."""
+    return value is None or (
+        isinstance(value, dict) and value.keys() == {"arena", "token", "slots", "slot_bytes"}
+        and _arena(value["arena"]) and _token(value["token"])
+        and _positive_int(value["slots"]) and value["slots"] <= MAX_SLOTS
+        and _positive_int(value["slot_bytes"]) and value["slot_bytes"] % SLOT_ALIGN == 0)
+
+
+def _task_slot(value: Any) -> bool:
+    """``task.slot``: None or ``{arena, token, slot}``."""
+    return value is None or (
+        isinstance(value, dict) and value.keys() == {"arena", "token", "slot"}
+        and _arena(value["arena"]) and _token(value["token"])
+        and _non_negative_int(value["slot"]) and value["slot"] < MAX_SLOTS)
+
+
+def _optional_slot(value: Any) -> bool:
+    return value is None or (_non_negative_int(value) and value < MAX_SLOTS)
+
+
+SLOT_NONE, SLOT_WRITTEN, SLOT_UNUSABLE, SLOT_DIRTY = "none", "written", "unusable", "dirty"
+SLOT_STATES = (SLOT_NONE, SLOT_WRITTEN, SLOT_UNUSABLE, SLOT_DIRTY)
+"""``result.slot``: no slot given or used (views inline), views written in the task's slot,
+the slot's arena cannot be used here (views inline), or views inline and the slot perhaps
+still being written by a thread the worker abandoned (the dispatcher never reuses it)."""
+
 _STR, _BOOL, _DICT = _is(str), _is(bool), _is(dict)
 
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
@@ -141,8 +187,10 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "reset": {"reason": _STR},
     "error": {"message": _STR, "stream": _optional_str, "fatal": _BOOL},
     "ready": {"slots": _positive_int, "dataset": _str_map},
-    "task": {"task": _non_negative_int, "epoch": _non_negative_int, "indices": _int_list},
-    "result": {"task": _non_negative_int, "failed": _failures},
+    "task": {"task": _non_negative_int, "epoch": _non_negative_int, "indices": _int_list,
+             "slot": _task_slot},
+    "result": {"task": _non_negative_int, "failed": _failures,
+               "slot": lambda value: value in SLOT_STATES},
     "heartbeat": {},
     "open": {
         "stream": _STR,
@@ -153,17 +201,29 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "credits": _non_negative_int,
         "done": _ranges,
         "skip": _optional_bytes,
+        "shm": _offered_arena,
     },
     "opened": {"stream": _STR, "num_batches": _non_negative_int, "batch_bytes": _positive_int},
-    "credit": {"stream": _STR, "n": _positive_int},
-    "batch": {"stream": _STR, "position": _non_negative_int, "failed": _failures},
+    "credit": {"stream": _STR, "n": _positive_int, "free": _int_list},
+    "batch": {"stream": _STR, "position": _non_negative_int, "failed": _failures,
+              "slot": _optional_slot},
     "end": {"stream": _STR},
     "close": {"stream": _STR},
     "ping": {},
     "pong": {},
     "status": {"stats": _DICT},
 }
-"""Message type to its required fields and a check for each field's value."""
+"""Message type to its fields and a check for each field's value."""
+
+OPTIONAL: dict[str, dict[str, Any]] = {
+    "open": {"shm": None},
+    "task": {"slot": None},
+    "result": {"slot": SLOT_NONE},
+    "batch": {"slot": None},
+    "credit": {"free": ()},
+}
+"""Fields that may be left out, with the value they then have (the shared-memory fields: a
+message over TCP does not carry them)."""
 
 
 @dataclass
@@ -295,10 +355,14 @@ def foreign_hello(frames: Sequence[Any]) -> int | str | None:
 
 
 def check_fields(mtype: str, fields: dict[str, Any]) -> None:
-    """Raise :class:`ProtocolError` unless ``fields`` are exactly those of ``mtype``, valid."""
+    """Raise :class:`ProtocolError` unless ``fields`` are exactly those of ``mtype``, valid;
+    the :data:`OPTIONAL` fields left out are filled in with their defaults."""
     schema = SCHEMAS.get(mtype)
     if schema is None:
         raise ProtocolError(f"unknown message type {mtype!r}")
+    for name, default in OPTIONAL.get(mtype, {}).items():
+        if name not in fields:
+            fields[name] = list(default) if isinstance(default, tuple) else default
     if fields.keys() != schema.keys():
         missing = schema.keys() - fields.keys()
         extra = fields.keys() - schema.keys()

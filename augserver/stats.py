@@ -38,6 +38,9 @@ class Counters:
         "Messages whose handling raised an unexpected error (logged with a traceback).")
     replies_dropped: int = _counter(
         "Replies dropped because their peer left limits.max_unread_replies unread.")
+    batches_shm: int = _counter(
+        "Batches delivered through shared memory (same-host workers write the trainer's slot).")
+    batches_tcp: int = _counter("Batches delivered with their pixels, over TCP.")
 
     @staticmethod
     def help(name: str) -> str:
@@ -80,6 +83,10 @@ class StreamStats:
     batches_per_s: float
     samples_per_s: float
     data_wait: float
+    path: str = "tcp"
+    """How its batches travel: ``shm`` (same host, shared memory), ``tcp`` or ``shm+tcp``."""
+    shm_batches: int = 0
+    tcp_batches: int = 0
 
 
 @dataclass

@@ -66,9 +66,9 @@ def format_status(stats: DispatcherStats) -> str:
     lines += ["", f"clients: {len(stats.clients)}  streams: {len(streams)}"]
     if streams:
         lines += render_table(
-            ["client", "stream", "epoch", "rank", "delivered", "credits", "in_flight", "pending",
-             "batches/s", "samples/s", "data_wait"],
-            [[name, s.stream[:12], s.epoch, f"{s.rank}/{s.world_size}",
+            ["client", "stream", "epoch", "rank", "path", "delivered", "credits", "in_flight",
+             "pending", "batches/s", "samples/s", "data_wait"],
+            [[name, s.stream[:12], s.epoch, f"{s.rank}/{s.world_size}", s.path,
               f"{s.delivered}/{s.num_batches}", s.credits, s.in_flight, s.pending,
               f"{s.batches_per_s:.2f}", f"{s.samples_per_s:.1f}", f"{s.data_wait:.0%}"]
              for name, s in streams],

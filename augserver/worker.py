@@ -23,6 +23,14 @@ Liveness, in both directions:
   loaded; until then the dispatcher shows it as warming up and gives it no task.
 - ``refused`` (a version mismatch), a config the worker cannot use or a dataset it cannot open
   are final: :func:`run_worker` logs the reason and returns :data:`EXIT_FATAL`.
+
+Shared memory (:mod:`augserver.shm`): a task that names a slot of its trainer's arena is made
+straight into that slot when this worker can map the arena (same host, same shared-memory
+directory); the result then carries only labels and indices. Otherwise the views go over TCP
+as always and the result says why (``unusable``; logged once per arena). A task made again
+after a sample was abandoned never writes its slot, since the abandoned thread might
+(``dirty``). The worker sweeps the directory every :data:`augserver.shm.SWEEP_SECONDS`, which
+removes the arenas of trainers that died.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTime
 from augserver.kernels_cache import KernelLoad, load_kernels
 from augserver.preprocessing import preprocess
 from augserver.security import ClientKeys
+from augserver.shm import SWEEP_SECONDS, Attachments, ShmError, Slot, shm_dir
 from augserver.storage import store_unreachable
 
 log = logging.getLogger("augserver.worker")
@@ -103,7 +112,7 @@ def busy_tick(limits: Limits) -> float:
 
 def make_batch(
     job: Job, epoch: int, indices: list[int], between: Callable[[int], None] = lambda i: None,
-    refused: Mapping[int, str] | None = None,
+    refused: Mapping[int, str] | None = None, out: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[list[Any]]]:
     """The arrays of one task's result and its failures ``[[index, path, error], ...]``.
 
@@ -113,12 +122,14 @@ def make_batch(
     batch count; the indices array names the sample actually delivered. A sample with no
     usable substitute is left out (the dispatcher then fails the stream). ``between(index)``
     runs before every sample is made (the worker times each one); ``refused`` maps the samples
-    not to try at all (they took too long before) to the reason reported for them.
+    not to try at all (they took too long before) to the reason reported for them. ``out``:
+    the ``views_shape(len(indices))`` array to make the views in (a shared-memory slot); the
+    views returned are ``out`` itself unless samples are missing.
     """
     refused = refused or {}
     config, dataset = job.config, job.dataset
     dataset.prefetch([i for i in indices if i not in refused])
-    views = config.layout.empty_views(len(indices))
+    views = config.layout.empty_views(len(indices)) if out is None else out
     done = np.empty(len(indices), INDICES_DTYPE)
     failed: list[list[Any]] = []
     n = 0
@@ -224,10 +235,13 @@ class Making:
     heartbeating and answering however long a sample takes; it notes which sample it is on."""
 
     def __init__(self, job: Job, task: protocol.Message, refused: Mapping[int, str],
-                 on_done: Callable[[], None] = lambda: None) -> None:
+                 on_done: Callable[[], None] = lambda: None, out: np.ndarray | None = None,
+                 slot: str = protocol.SLOT_NONE) -> None:
         self.job = job
         self.task = task
         self.on_done = on_done
+        self.out = out  # the task's shared-memory slot, when the views are made there
+        self.slot = slot  # result.slot when the views are not in the slot
         self.refused = dict(refused)
         self.current: tuple[int, float] | None = None  # (index, started) of the sample being made
         self.result: tuple[list[np.ndarray], list[list[Any]]] | None = None
@@ -239,7 +253,7 @@ class Making:
     def _run(self) -> None:
         try:
             self.result = make_batch(self.job, self.task["epoch"], self.task["indices"],
-                                     self._starting, self.refused)
+                                     self._starting, self.refused, self.out)
         except BaseException as exc:  # raised again in the worker's thread by done()
             self.error = exc
         finally:
@@ -321,6 +335,8 @@ class Worker:
         self.ready_sent = False  # on this connection
         self.receipt = 0  # of the latest message read from the dispatcher (augserver.outbox)
         self.making: Making | None = None
+        self.shm = Attachments(shm_dir())
+        self.next_sweep = 0.0
         self.too_slow: dict[int, str] = {}  # samples past limits.sample_seconds: not tried again
         self.abandoned: threading.Thread | None = None  # still making a too slow sample
 
@@ -351,6 +367,7 @@ class Worker:
                 self._made_signal.close(linger=0)
             self.made.close(linger=0)
             self.context.term()
+            self.shm.close()
 
     def _new_socket(self) -> zmq.Socket:
         if self.sock is not None:
@@ -439,9 +456,25 @@ class Worker:
             self._tick()
             self._check_making()
 
-    def _start(self, task: protocol.Message) -> Making:
+    def _start(self, task: protocol.Message, abandoned: Making | None = None) -> Making:
+        """Make ``task``'s batch, in its slot when it names one this worker can map; made
+        again after ``abandoned`` was left running, never in the slot that one writes."""
         assert self.job is not None
-        return Making(self.job, task, self.too_slow, self._signal_made)
+        out, status, wire = None, protocol.SLOT_NONE, task["slot"]
+        if abandoned is not None:
+            status = protocol.SLOT_DIRTY if abandoned.out is not None else abandoned.slot
+        elif wire is not None:
+            slot = Slot(wire["arena"], wire["token"], wire["slot"])
+            known = slot.name in self.shm.unusable
+            try:
+                shape = self.job.config.layout.views_shape(len(task["indices"]))
+                out = self.shm.view(slot, shape)
+            except ShmError as exc:
+                status = protocol.SLOT_UNUSABLE
+                if not known:
+                    log.info("worker %s: sending over TCP to the trainer of arena %s: %s",
+                             self.name, slot.name, exc)
+        return Making(self.job, task, self.too_slow, self._signal_made, out, status)
 
     def _signal_made(self) -> None:
         """Called on a making thread when its batch is done (or failed)."""
@@ -456,8 +489,14 @@ class Worker:
             self.making = None
             assert making.result is not None
             arrays, failed = making.result
-            # A result also frees the slot its task used: no separate ready message.
-            self._send("result", arrays, task=making.task["task"], failed=failed)
+            status = making.slot
+            if making.out is not None:
+                # written in the slot; else samples are missing and the views came compacted
+                status = protocol.SLOT_WRITTEN if arrays[0] is making.out else protocol.SLOT_NONE
+                if status == protocol.SLOT_WRITTEN:
+                    arrays = arrays[1:]
+            # A result also frees the worker slot its task used: no separate ready message.
+            self._send("result", arrays, task=making.task["task"], failed=failed, slot=status)
             return
         limit = job.config.limits.sample_seconds
         index = making.overrun(limit, time.monotonic())
@@ -472,7 +511,7 @@ class Worker:
                         "earlier one still runs")
         self.too_slow[index] = f"took longer than limits.sample_seconds ({limit:g} s) to make"
         self.abandoned = making.thread  # it cannot be stopped; its result is ignored
-        self.making = self._start(making.task)  # the task again, without it
+        self.making = self._start(making.task, making)  # the task again, without it
 
     def _tick(self, timeout_ms: int = 0) -> None:
         """Heartbeat when due, handle what arrived, notice a silent dispatcher."""
@@ -482,6 +521,9 @@ class Worker:
         if now - self.last_beat >= limits.heartbeat_interval:
             self._send("heartbeat", quiet=True)
             self.last_beat = now
+        if now >= self.next_sweep:  # arenas of dead trainers, and those their owners closed
+            self.next_sweep = now + SWEEP_SECONDS
+            self.shm.prune()
         message = self._receive(timeout_ms)
         while message is not None:
             self._handle(message)

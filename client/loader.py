@@ -5,6 +5,12 @@ credits, receives batches on a background thread, and yields :class:`AugMixBatch
 whose tensors are converted and normalised on the training device. The loader holds the
 stream's progress itself, so :meth:`RemoteAugMixLoader.state_dict` resumes an epoch exactly,
 and a dispatcher that goes away is reconnected to and told what was already received.
+
+Batches made by workers on the trainer's own host come through shared memory
+(:mod:`client.shared_memory`): the loader offers an arena of ``prefetch`` slots, same-host
+workers write the views there, and only a descriptor travels through the dispatcher. The
+training thread copies each slot once and releases it. Workers elsewhere send over TCP, in
+the same stream; the choice is per worker and automatic.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
@@ -31,7 +38,9 @@ from augserver.config import JobConfig, config_from_dict
 from augserver.errors import RemoteError
 from augserver.plan import ShardPlan, from_ranges, served_mask, to_ranges
 from augserver.security import ClientKeys, KeySource
+from augserver.shm import shm_dir
 from client.distributed import world
+from client.shared_memory import HostBuffers, SessionArena
 
 log = logging.getLogger("augserver.client")
 
@@ -70,9 +79,11 @@ class AugMixBatch:
 @dataclass
 class _Received:
     position: int
-    views: torch.Tensor  # (V, n, H, W, 3) uint8 (augserver.batch), pinned on CUDA loaders
+    views: torch.Tensor | None  # (V, n, H, W, 3) uint8 (augserver.batch), pinned on CUDA
     labels: np.ndarray
     indices: np.ndarray
+    arena: SessionArena | None = None  # the views are in ``slot`` of this arena instead
+    slot: int | None = None
 
 
 class _End:
@@ -91,6 +102,8 @@ class RemoteAugMixLoader:
     long the loader waits without progress (no dispatcher, no batch) before raising.
     ``curve_key`` (this client's secret key file, or Z85 bytes) and ``server_key`` (the
     dispatcher's public key file, or Z85 bytes) connect to a dispatcher with CURVE on.
+    ``shm``: the shared-memory directory for batches from same-host workers (default
+    ``$AUGSERVER_SHM_DIR``, else ``/dev/shm``); ``False`` sends everything over TCP.
     """
 
     def __init__(
@@ -111,6 +124,7 @@ class RemoteAugMixLoader:
         curve_key: KeySource | None = None,
         server_key: KeySource | None = None,
         as_tuples: bool = False,
+        shm: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         if rank is None or world_size is None:
             dist_rank, dist_world = world()
@@ -146,6 +160,9 @@ class RemoteAugMixLoader:
         self._classes: list[str] = []
         self._scale: torch.Tensor | None = None
         self._shift: torch.Tensor | None = None
+        self.shm_dir = None if shm is False else shm_dir(None if shm in (None, True) else shm)
+        self._shm_warned: list[str] = []  # reasons already logged for falling back to TCP
+        self._host_buffers = HostBuffers(keep=prefetch + 2)
 
     # ------------------------------------------------------------------ public API
 
@@ -308,11 +325,12 @@ class RemoteAugMixLoader:
                 continue
             self._consumed.add(item.position)
             remaining -= 1
-            stream.grant(1)
+            batch = self._to_batch(item) if len(item.labels) else None  # out of its slot
+            stream.grant(1, item)
             if self.ordered:
                 next_position = self._next_ordered_position(item.position + 1)
-            if len(item.labels):
-                yield self._to_batch(item)
+            if batch is not None:
+                yield batch
 
     def _next_ordered_position(self, start: int) -> int:
         position = start
@@ -321,13 +339,26 @@ class RemoteAugMixLoader:
         return position
 
     def _to_batch(self, item: _Received) -> AugMixBatch:
-        views = item.views.to(self.device, non_blocking=True)
+        views = item.views
+        if item.arena is not None:  # read its slot once, then release it
+            assert item.slot is not None
+            views = item.arena.view(item.slot, self.config.layout.views_shape(
+                len(item.indices)))
+            if self.device.type == "cuda":  # the one copy: into pinned memory
+                views = torch.empty(views.shape, dtype=torch.uint8,
+                                    pin_memory=True).copy_(views)
+            elif self.channels_last and not self.normalize:  # nothing below copies
+                views = self._host_buffers.copy(views)
+        assert views is not None
+        views = views.to(self.device, non_blocking=True)
         # (V, n, 3, H, W): channels_last keeps the NHWC memory; else made contiguous here, in
         # uint8, before the float conversion (4x fewer bytes to move)
         images = views.permute(0, 1, 4, 2, 3) if self.channels_last else _nchw(views)
         if self.normalize:
             scale, shift = self._normalization()
             images = images.float().mul_(scale).sub_(shift)  # keeps the memory layout
+        if item.arena is not None:
+            item.arena.release()  # what the batch holds is in memory of its own now
         # int64 on the wire (the dispatcher checks): views of the frames, no copies
         target = torch.from_numpy(item.labels).to(self.device, non_blocking=True)
         index = torch.from_numpy(item.indices)
@@ -418,6 +449,9 @@ class _Stream:
         self._stopping = threading.Event()
         self._progress = time.monotonic()
         self._receipt = 0  # of the latest message read, returned on each one sent
+        self.arena: SessionArena | None = None  # this connection's, if shared memory works
+        self._arenas: list[SessionArena] = []  # every connection's, closed at stop()
+        self._released: queue.SimpleQueue[tuple[SessionArena, int]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="augserver-loader", daemon=True)
         self._thread.start()
 
@@ -434,8 +468,11 @@ class _Stream:
                 raise item
             return item
 
-    def grant(self, n: int) -> None:
-        """Tell the I/O thread that ``n`` batches were consumed (credits to send)."""
+    def grant(self, n: int, item: _Received | None = None) -> None:
+        """Tell the I/O thread that ``n`` batches were consumed (credits to send), ``item``'s
+        slot among them (copied out: it may be released)."""
+        if item is not None and item.arena is not None and item.slot is not None:
+            self._released.put((item.arena, item.slot))
         self._wake(n.to_bytes(4, "little"))
 
     def stop(self) -> None:
@@ -443,6 +480,8 @@ class _Stream:
         self._wake(b"stop")
         self._thread.join(timeout=10)
         self._wake_send.close(linger=0)
+        for arena in self._arenas:
+            arena.close()
 
     def _wake(self, note: bytes) -> None:
         # Never blocks: once the I/O thread has finished there is nobody to tell.
@@ -469,6 +508,7 @@ class _Stream:
             welcome = loader._handshake(sock, self._time_left())
             self._receipt = welcome.receipt
             loader._accept_welcome(welcome)
+            self._new_arena()
             queued = len(self.received) - len(loader._consumed)
             credits = max(0, loader.prefetch - queued)
             sock.send_multipart(
@@ -482,12 +522,16 @@ class _Stream:
                     credits=credits,
                     done=to_ranges(self.received),
                     skip=loader._epoch_skip(),
+                    shm=self.arena.arena.describe() if self.arena is not None else None,
                 ),
                 copy=False,
             )
             self._progress = time.monotonic()
             return self._serve(sock)
         finally:
+            if self.arena is not None:  # a new connection gets a new arena
+                self.arena.retire()
+                self.arena = None
             if self._stopping.is_set():
                 _send_quietly(sock, self._message("close", stream=self.stream_id))
             sock.close(linger=100 if self._stopping.is_set() else 0)
@@ -531,8 +575,14 @@ class _Stream:
             if note == b"stop":
                 return True
             credits += int.from_bytes(note, "little")
+        free = []
+        while not self._released.empty():
+            arena, slot = self._released.get()
+            if arena is self.arena:  # another connection's slots mean nothing to this one
+                free.append(slot)
         if credits:
-            _send_quietly(sock, self._message("credit", stream=self.stream_id, n=credits))
+            _send_quietly(sock, self._message("credit", stream=self.stream_id, n=credits,
+                                              free=free))
         return False
 
     def _on_message(self, frames: list[zmq.Frame]) -> bool | None:
@@ -575,16 +625,36 @@ class _Stream:
                         index, path, error)
         if position in self.received or position >= self.num_batches:
             return  # a duplicate after a reconnect: already delivered
-        problem = self.loader.config.layout.problem(message.specs)
+        slot = message["slot"]
+        problem = self.loader.config.layout.problem(message.specs, slot is not None)
+        if problem is None and slot is not None and (
+                self.arena is None or slot >= self.arena.arena.slots):
+            problem = f"it names slot {slot}, which this loader's arena does not have"
         if problem is not None:  # the dispatcher checked it: a dispatcher fault
             raise RemoteError(f"batch {position} from {self.loader.address}: {problem}")
-        views, labels, indices = message.arrays
         self.received.add(position)
         self._progress = time.monotonic()
+        if slot is not None:
+            assert self.arena is not None
+            labels, indices = message.arrays
+            self.arena.hold()
+            self.items.put(_Received(position, None, labels, indices, self.arena, slot))
+            return
+        views, labels, indices = message.arrays
         tensor = torch.from_numpy(views)  # a view of the ZeroMQ frame: no copy
         if self.loader.device.type == "cuda":
             tensor = tensor.pin_memory()
         self.items.put(_Received(position, tensor, labels, indices))
+
+    def _new_arena(self) -> None:
+        """This connection's arena: ``prefetch`` slots of a full batch's views, or None."""
+        loader = self.loader
+        layout = loader.config.layout
+        self.arena = SessionArena.create(
+            loader.shm_dir, loader.prefetch,
+            layout.views_bytes_per_sample * loader.config.batch_size, loader._shm_warned)
+        if self.arena is not None:
+            self._arenas.append(self.arena)
 
     def _time_left(self) -> float:
         return self.loader.timeout - (time.monotonic() - self._progress)

@@ -37,20 +37,28 @@ def config(**keys: object) -> JobConfig:
 
 
 def open_fields(sid: str = "s", credits: int = 4, done: list[list[int]] | None = None,
-                rank: int = 0, world_size: int = 1) -> dict[str, object]:
+                rank: int = 0, world_size: int = 1, slots: int = 0) -> dict[str, object]:
+    """An ``open``'s fields; ``slots``: offer an arena of that many slots."""
+    shm = {"arena": f"augserver-{sid.encode().hex():0>32}.shm", "token": b"t" * 16,
+           "slots": slots, "slot_bytes": 4096 * 8} if slots else None
     return {"stream": sid, "epoch": 0, "rank": rank, "world_size": world_size,
-            "ordered": False, "credits": credits, "done": done or [], "skip": None}
+            "ordered": False, "credits": credits, "done": done or [], "skip": None, "shm": shm}
 
 
 def result(state: DispatcherState, task: Task, indices: list[int] | None = None,
-           failed: list[list[object]] | None = None, side: int = 32) -> protocol.Message:
-    """A worker's result for ``task`` as it arrives off the wire."""
+           failed: list[list[object]] | None = None, side: int = 32,
+           slot: str | None = None) -> protocol.Message:
+    """A worker's result for ``task`` as it arrives off the wire; ``slot`` (the result's
+    slot status) defaults to ``written`` when the task has a slot, else ``none``."""
     made = task.batch.tolist() if indices is None else indices
+    slot = slot or (protocol.SLOT_WRITTEN if task.slot is not None else protocol.SLOT_NONE)
     views = np.zeros(state.layout.views_shape(len(made)), np.uint8)
     if side != 32:
         views = np.zeros((3, len(made), side, side, 3), np.uint8)
     arrays = [views, np.zeros(len(made), np.int64), np.array(made, np.int64)]
-    frames = protocol.encode("result", arrays, task=task.id, failed=failed or [])
+    if slot == protocol.SLOT_WRITTEN:
+        arrays = arrays[1:]
+    frames = protocol.encode("result", arrays, task=task.id, failed=failed or [], slot=slot)
     return protocol.decode([zmq.Frame(bytes(f)) for f in frames])
 
 
@@ -79,6 +87,16 @@ def check_invariants(state: DispatcherState) -> None:
         if peer.role == "worker":
             assert peer.free >= 0 and len(peer.tasks) + peer.free <= state.limits.worker_slots
             assert all(t in state.tasks for t in peer.tasks)
+    for stream in state.streams.values():
+        pool = stream.shm
+        if pool is None:
+            continue
+        # every slot is in exactly one state, and those out are the tasks'
+        states = [set(pool.free), pool.out, pool.delivered, pool.quarantined]
+        assert sum(map(len, states)) == pool.slots == len(set().union(*states))
+        assert pool.out == {state.tasks[t].slot for t in stream.in_flight.values()} - {None}
+    inline = [t for t in state.tasks.values() if t.slot is None]
+    assert state.inline_tasks == len(inline)
 
 
 def test_schedule_returns_tasks_lowest_position_first_within_credits() -> None:
@@ -229,42 +247,53 @@ EVENTS = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(events=EVENTS, credits=st.integers(0, 5), world_size=st.integers(1, 3))
+@given(events=EVENTS, credits=st.integers(0, 5), world_size=st.integers(1, 3),
+       slots=st.sampled_from([0, 1, 3]))
 def test_any_sequence_of_events_keeps_the_invariants_and_delivers_each_position_once(
-    events: list[tuple[str, int]], credits: int, world_size: int
+    events: list[tuple[str, int]], credits: int, world_size: int, slots: int
 ) -> None:
+    """Also through shared memory (``slots``): workers write slots, cannot see the arena, or
+    leave a slot dirty, and the client releases the slots it was delivered as it consumes."""
     state = DispatcherState(config(), N, 10)
     client = state.join(b"c", "client", "c", 0.0)
-    streams = [state.open(client, open_fields(f"r{r}", credits, rank=r,
-                                              world_size=world_size), 0.0).stream
+    streams = [state.open(client, open_fields(f"r{r}", credits, rank=r, world_size=world_size,
+                                              slots=slots), 0.0).stream
                for r in range(world_size)]
     workers: list[Peer] = []
     out: list[Task] = []  # tasks handed out and not answered yet, as the workers see them
     delivered: Counter[tuple[str, int]] = Counter()
     answered: list[tuple[Peer, Task]] = []
+    held: dict[str, list[int]] = {s.id: [] for s in streams}  # slots the client holds
+    statuses = [protocol.SLOT_WRITTEN] * 4 + [protocol.SLOT_UNUSABLE, protocol.SLOT_DIRTY]
 
     def join() -> None:
         worker = state.join(f"w{len(workers)}".encode(), "worker", "w", 0.0)
         state.ready(worker, 2)
         workers.append(worker)
 
-    def answer(task: Task) -> None:
+    def answer(task: Task, k: int = 0) -> None:
         worker = state.peers.get(task.worker)
         if worker is None:
             return
-        outcome = state.result(worker, result(state, task), 0.0)
+        status = statuses[k % len(statuses)] if task.slot is not None else None
+        outcome = state.result(worker, result(state, task, slot=status), 0.0)
         answered.append((worker, task))
         if outcome.kind == RELAY:
             delivered[(task.stream.id, task.position)] += 1
+            if outcome.slot is not None:
+                held[task.stream.id].append(outcome.slot)
 
     join()
     for event, k in events:
         if event == "schedule":
             out += state.schedule()
         elif event == "answer" and out:
-            answer(out.pop(k % len(out)))
+            answer(out.pop(k % len(out)), k)
         elif event == "credit":
-            state.credit(client, streams[k % world_size].id, 1 + k % 3, 0.0)
+            sid = streams[k % world_size].id
+            n = 1 + k % 3
+            state.credit(client, sid, n, 0.0, [*held[sid][:n], k])  # and one it never had
+            del held[sid][:n]
         elif event == "kill" and workers:
             victim = workers.pop(k % len(workers))
             state.forget(victim.ident)
@@ -290,6 +319,8 @@ def test_any_sequence_of_events_keeps_the_invariants_and_delivers_each_position_
             break
         for task in out:
             answer(task)
+            state.credit(client, task.stream.id, 1, 0.0, held[task.stream.id])
+            held[task.stream.id] = []
         check_invariants(state)
     assert state.streams == {} and state.tasks == {}
     for stream in streams:
@@ -422,3 +453,90 @@ def test_streams_per_client_are_capped_by_the_limit() -> None:
     third = state.open(client, open_fields("c"), 0.0)
     assert "already has 2 open streams (limits.max_streams_per_client)" in third.error
     assert state.open(client, open_fields("a"), 0.0).error is None  # reopening replaces
+
+
+def setup_shm(slots: int = 3, credits: int = 3, workers: int = 2, **keys: object):
+    """A stream whose client offered an arena of ``slots`` slots, and ready workers."""
+    state = DispatcherState(config(**keys), N, 10)
+    ws = [state.join(f"w{i}".encode(), "worker", f"w{i}", 0.0) for i in range(workers)]
+    for w in ws:
+        state.ready(w, 2)
+    client = state.join(b"c", "client", "c", 0.0)
+    stream = state.open(client, open_fields(credits=credits, slots=slots), 0.0).stream
+    return state, ws, client, stream
+
+
+def test_shared_memory_tasks_carry_free_slots_held_until_the_client_releases_them() -> None:
+    state, _ws, client, stream = setup_shm()
+    tasks = state.schedule()
+    assert len(tasks) == 3 and sorted(t.slot for t in tasks) == [0, 1, 2]
+    outcomes = [state.result(state.peers[t.worker], result(state, t), 1.0) for t in tasks]
+    assert [o.kind for o in outcomes] == [RELAY] * 3
+    assert sorted(o.slot for o in outcomes) == [0, 1, 2] and stream.shm.delivered == {0, 1, 2}
+    state.credit(client, "s", 1, 1.0, [1, 1, 7])  # a slot named twice, one it never had
+    (task,) = state.schedule()
+    assert task.slot == 1 and stream.shm.free == []
+    assert stream.path() == "shm" and state.counters.batches_shm == 3
+    sent = state.outboxes.data_bytes  # three batch messages: labels and indices alone
+    assert sent < 512 and state.held_bytes() == sent  # the pixels never pass through here
+    state.credit(client, "s", 1, 1.0)  # a credit without a slot: over TCP, no waiting
+    (inline,) = state.schedule()
+    assert inline.slot is None and state.held_bytes() == sent + state.batch_bytes
+    check_invariants(state)
+
+
+def test_a_worker_that_cannot_see_the_arena_sends_over_tcp_and_gets_no_slot_again() -> None:
+    state, (w0, _w1), client, stream = setup_shm(slots=4, credits=4)
+    tasks = state.schedule()
+    blind = next(t for t in tasks if t.worker == w0.ident)
+    slot = blind.slot
+    outcome = state.result(w0, result(state, blind, slot=protocol.SLOT_UNUSABLE), 1.0)
+    assert outcome.kind == RELAY and outcome.slot is None
+    assert slot in stream.shm.free and w0.ident in stream.shm.blind
+    assert stream.path() == "tcp"  # so far
+    state.credit(client, "s", 1, 1.0)
+    again = [t for t in state.schedule() if t.worker == w0.ident]
+    assert again and all(t.slot is None for t in again)
+    for t in tasks:
+        if t is not blind:
+            state.result(state.peers[t.worker], result(state, t), 1.0)
+    assert stream.path() == "shm+tcp" and state.counters.batches_tcp == 1
+    check_invariants(state)
+
+
+def test_a_slot_its_writer_may_still_write_is_never_handed_out_again() -> None:
+    state, (w0, w1), client, stream = setup_shm(slots=3, credits=3)
+    tasks = state.schedule()
+    lost = [t.slot for t in tasks if t.worker == w0.ident]
+    state.forget(w0.ident)  # dead or frozen: it might still be writing
+    assert set(lost) <= stream.shm.quarantined
+    task = next(t for t in tasks if t.worker == w1.ident)
+    slot = task.slot
+    outcome = state.result(w1, result(state, task, slot=protocol.SLOT_DIRTY), 1.0)
+    assert outcome.kind == RELAY and outcome.slot is None  # its views came over TCP
+    assert slot in stream.shm.quarantined
+    # no slot left: the stream goes on over TCP, within the dispatcher's byte budget
+    state.credit(client, "s", 1, 1.0)
+    rest = state.schedule()
+    assert rest and all(t.slot is None for t in rest)
+    assert state.held_bytes() == state.outboxes.data_bytes + state.batch_bytes * len(rest)
+    check_invariants(state)
+
+
+def test_a_result_claiming_a_slot_it_was_not_given_is_rejected() -> None:
+    state, (w,), _, _ = setup()
+    task = state.schedule()[0]
+    outcome = state.result(w, result(state, task, slot=protocol.SLOT_WRITTEN), 1.0)
+    assert outcome.kind == REJECTED and "given none" in outcome.problem
+    check_invariants(state)
+
+
+def test_a_shared_memory_stream_is_capped_by_its_slots_not_the_dispatchers_budget() -> None:
+    probe = DispatcherState(config(), N, 10)
+    limits = {"max_prefetch_bytes": probe.batch_bytes, "heartbeat_interval": 1.0,
+              "worker_slots": 4}
+    state, _ws, client, stream = setup_shm(slots=6, credits=6, limits=limits)
+    assert stream.cap == 6 and len(state.schedule()) == 4  # 2 workers x 2 slots
+    tcp = state.open(client, open_fields("t", credits=6), 0.0).stream
+    assert tcp.cap == 1
+    check_invariants(state)

@@ -32,7 +32,7 @@ def test_round_trip_keeps_fields_and_arrays() -> None:
     arrays = result_arrays()
     message = decode(encode("result", arrays, task=5, failed=[[3, "a.png", "bad"]]))
     assert message.type == "result"
-    assert message.fields == {"task": 5, "failed": [[3, "a.png", "bad"]]}
+    assert message.fields == {"task": 5, "failed": [[3, "a.png", "bad"]], "slot": "none"}
     assert message["task"] == 5
     for got, sent in zip(message.arrays, arrays, strict=True):
         assert got.dtype == sent.dtype and np.array_equal(got, sent)

@@ -332,23 +332,27 @@ def test_the_lightning_example_fits_single_process_and_ddp_on_gloo(tmp_path, pro
 
 
 def test_ordered_resume_continues_the_same_stream(tmp_path, procs):
+    """Over TCP (tests/test_client/test_shared_memory.py resumes through shared memory)."""
     address = free_address()
     procs.serve(job_config(tmp_path, N), address, workers=2)
-    whole = collect(RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False))
-    loader = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False)
+    whole = collect(RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False,
+                                       shm=False))
+    loader = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False, shm=False)
     head = collect(loader, stop_after=3)
-    resumed = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False)
+    resumed = RemoteAugMixLoader(address, ordered=True, timeout=60, normalize=False,
+                                 shm=False)
     resumed.load_state_dict(loader.state_dict())
     assert stream_hash(head + collect(resumed)) == stream_hash(whole)
 
 
 def test_dispatcher_restart_mid_epoch(tmp_path, procs):
+    """Over TCP (tests/test_client/test_shared_memory.py restarts it under shared memory)."""
     config = job_config(tmp_path, 96)
     address = free_address()
     server = procs.serve(config, address)
     procs.worker(address)
     procs.worker(address)
-    loader = RemoteAugMixLoader(address, prefetch=2, timeout=90, liveness=2.0)
+    loader = RemoteAugMixLoader(address, prefetch=2, timeout=90, liveness=2.0, shm=False)
     seen: list[int] = []
     for step, batch in enumerate(loader):
         seen += batch.index.tolist()

@@ -652,3 +652,74 @@ def test_k8s_gpu_trainer_job_sits_next_to_the_dispatcher_and_workers() -> None:
     assert mounts["/checkpoints"]["persistentVolumeClaim"]["claimName"] == "augserver-checkpoints"
     assert "Dockerfile.trainer" in (K8S / "overlays" / "gpu-trainer" / "kustomization.yaml"
                                     ).read_text()
+
+
+def _arena_bytes(config_text: str) -> int:
+    """The shared memory a default trainer's arena takes for this job file: prefetch slots of
+    one batch's views (augserver.shm)."""
+    import inspect
+
+    from augserver.config import config_from_dict
+    from augserver.shm import HEADER_BYTES, slot_bytes
+    from client.loader import RemoteAugMixLoader
+
+    config = config_from_dict(yaml.safe_load(config_text), check_paths=False)
+    prefetch = inspect.signature(RemoteAugMixLoader).parameters["prefetch"].default
+    views = config.layout.views_bytes_per_sample * config.batch_size
+    return HEADER_BYTES + prefetch * slot_bytes(views)
+
+
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)i?b?", re.IGNORECASE)
+
+
+def _bytes(size: str) -> int:
+    number, unit = _SIZE.fullmatch(size.strip()).groups()
+    return int(number) * 1024 ** " kmg".index(unit.lower() or " ")
+
+
+def test_compose_shares_one_dev_shm_between_augserver_its_workers_and_the_trainer(
+        compose: dict[str, Any]) -> None:
+    """The same-host path: the augserver container's IPC namespace (its /dev/shm) is
+    shareable, workers and trainer join it, it holds the trainer's arena, and every image
+    runs as the same uid (the arena is owner-only)."""
+    services = compose["services"]
+    assert services["augserver"]["ipc"] == "shareable"
+    for name in ("worker", "trainer"):
+        assert services[name]["ipc"] == "service:augserver", name
+    shm_size = _bytes(expand(str(services["augserver"]["shm_size"])))
+    source = _mounts(services["augserver"])["/config/augserver.yaml"][0]
+    assert shm_size >= 2 * _arena_bytes((ROOT / source).read_text())  # and one reconnect's
+    users = {re.search(r"--uid (\d+)", (DEPLOY / f).read_text())[1]
+             for f in ("Dockerfile", "Dockerfile.trainer")}
+    assert users == {"10001"}
+
+
+def test_k8s_trainer_sidecar_shares_a_memory_emptydir_at_dev_shm() -> None:
+    """deploy/k8s/overlays/trainer-sidecar, built with the real kubectl kustomize: a GPU
+    trainer with augserver as a native sidecar, both mounting one emptyDir of medium Memory
+    at /dev/shm, the trainer connecting to the sidecar's loopback dispatcher, one uid."""
+    docs = kustomize(K8S / "overlays" / "trainer-sidecar")
+    job = _one(docs, "Job", "augserver-trainer-sidecar")
+    spec = job["spec"]["template"]["spec"]
+    (sidecar,), (trainer,) = spec["initContainers"], spec["containers"]
+    assert sidecar["restartPolicy"] == "Always"  # native sidecar: the Job ends with the trainer
+    serve = parse_cli(sidecar["args"])
+    assert serve.command == "serve" and serve.workers >= 1
+    assert serve.bind.startswith("tcp://127.0.0.1:")  # loopback: secure without CURVE
+    train = train_parser().parse_args(trainer["args"])
+    assert train.connect == serve.bind and train.device == "cuda"
+    shm = {_volume_mounts(spec, c)["/dev/shm"]["name"] for c in (sidecar, trainer)}
+    (name,) = shm
+    volume = next(v for v in spec["volumes"] if v["name"] == name)
+    assert volume["emptyDir"]["medium"] == "Memory"
+    for container in (sidecar, trainer):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env.get("AUGSERVER_SHM_DIR", "/dev/shm") == "/dev/shm"
+        assert "runAsUser" not in container.get("securityContext", {})  # the pod's, for both
+    assert spec["securityContext"]["runAsUser"] == 10001
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    mounts = _volume_mounts(spec, sidecar)
+    assert mounts["/config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    job_file = config_map["data"]["augserver.yaml"]
+    assert _bytes(volume["emptyDir"]["sizeLimit"]) >= 2 * _arena_bytes(job_file)
+    assert parse_cli(sidecar["startupProbe"]["exec"]["command"][1:]).command == "status"

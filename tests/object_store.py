@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from client.programs.local_server import free_port
 
@@ -50,6 +51,48 @@ def weed_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("weed")
 
 
+class _PortTaken(Exception):
+    """weed exited at start because a port it was given is in use."""
+
+
+def _start(binary: str, folder: Path) -> tuple[subprocess.Popen, ObjectStore, Any]:
+    """``weed server`` on fresh free loopback ports (all distinct)."""
+    names = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+             "volume.port.grpc", "filer.port", "filer.port.grpc")
+    chosen: set[int] = set()
+    while len(chosen) < len(names):
+        chosen.add(free_port())
+    ports = dict(zip(names, sorted(chosen), strict=True))
+    args = [binary, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+            f"-s3.config={folder / 's3.json'}", "-volume.max=4", "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *(f"-{name}={port}" for name, port in ports.items())]
+    log = open(folder / "weed.log", "wb")  # noqa: SIM115 (closed by the caller)
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", process,
+                        f"http://127.0.0.1:{ports['filer.port']}")
+    return process, store, log
+
+
+def _wait_for_bucket(store: ObjectStore, process: subprocess.Popen, folder: Path,
+                     bucket: str) -> None:
+    """Until the store answers and ``bucket`` is made; :class:`_PortTaken` or RuntimeError
+    when weed exits (or 60 s pass)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            store.client().create_bucket(Bucket=bucket)
+            return
+        except Exception:
+            text = (folder / "weed.log").read_text(errors="replace")
+            if process.poll() is not None and "address already in use" in text:
+                raise _PortTaken() from None
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("SeaweedFS did not start: " + text[-2000:]) from None
+            time.sleep(0.5)
+
+
 @contextmanager
 def seaweedfs(folder: Path, bucket: str = "augserver-test") -> Iterator[ObjectStore]:
     """``weed server`` with its S3 gateway on free loopback ports, one bucket made; ended with
@@ -62,36 +105,34 @@ def seaweedfs(folder: Path, bucket: str = "augserver-test") -> Iterator[ObjectSt
         {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     (folder / "s3.json").write_text(json.dumps(identities))
-    ports = {name: free_port() for name in (
-        "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
-        "volume.port.grpc", "filer.port", "filer.port.grpc")}
-    args = [binary, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-            f"-s3.config={folder / 's3.json'}", "-volume.max=4", "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            *(f"-{name}={port}" for name, port in ports.items())]
-    log = open(folder / "weed.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", process,
-                        f"http://127.0.0.1:{ports['filer.port']}")
+    for attempt in range(3):
+        process, store, log = _start(binary, folder)
+        try:
+            _wait_for_bucket(store, process, folder, bucket)
+        except _PortTaken:  # a chosen free port was taken before weed bound it: again
+            log.close()
+            if attempt == 2:
+                raise RuntimeError("SeaweedFS did not start: its ports kept being taken: "
+                                   + (folder / "weed.log").read_text()[-2000:]) from None
+            continue
+        except BaseException:
+            _end(process)
+            log.close()
+            raise
+        break
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                store.client().create_bucket(Bucket=bucket)
-                break
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("SeaweedFS did not start: "
-                                       + (folder / "weed.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
         yield store
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        _end(process)
         log.close()
+
+
+def _end(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a grace period (weed exits slowly)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)

@@ -42,6 +42,7 @@ from augserver.augmix import augmix_views, sample_rng
 from augserver.config import config_from_dict, load_config
 from augserver.datasets import open_dataset
 from augserver.preprocessing import preprocess
+from augserver.shm import Attachments, ShmError, Slot, shm_dir
 from augserver.status import request_status
 from client.loader import RemoteAugMixLoader
 from client.programs.local_server import free_port
@@ -202,7 +203,10 @@ def kernel_rate(config: Path, seconds: float) -> tuple[float, float]:
 
 
 def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> None:
-    """A worker that answers every task at once with a prepared batch of the right shape."""
+    """A worker that answers every task at once with a prepared batch of the right shape; a
+    task naming a shared-memory slot it can map is answered as written there (a real worker
+    makes the views in the slot itself: its sending side is then labels and indices alone)."""
+    attachments = Attachments(shm_dir())
     sock = session.dealer(context, address)
     welcome = session.handshake(sock, "worker", f"noop-{threading.get_native_id()}", address,
                                 30.0, curve=False)
@@ -225,14 +229,22 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
             continue
         indices = np.asarray(message["indices"], np.int64)
         n = len(indices)
+        arrays, status = [pixels[:, :n], labels[:n], indices], protocol.SLOT_NONE
+        wire = message["slot"]
+        if wire is not None:
+            try:
+                attachments.view(Slot(wire["arena"], wire["token"], wire["slot"]),
+                                 pixels[:, :n].shape)
+                arrays, status = arrays[1:], protocol.SLOT_WRITTEN
+            except ShmError:
+                status = protocol.SLOT_UNUSABLE
         sock.send_multipart(
-            protocol.encode(
-                "result", [pixels[:, :n], labels[:n], indices], task=message["task"], failed=[],
-                receipt=receipt,
-            ),
+            protocol.encode("result", arrays, task=message["task"], failed=[], slot=status,
+                            receipt=receipt),
             copy=False,
         )
     sock.close()
+    attachments.close()
 
 
 @contextlib.contextmanager

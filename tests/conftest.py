@@ -1,6 +1,12 @@
-"""Shared fixtures: real photos that scikit-image ships, at the sizes AugMix trains on."""
+"""Shared fixtures: real photos that scikit-image ships, at the sizes AugMix trains on, and a
+shared-memory directory of a test's own."""
 
 from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +27,19 @@ def photos() -> dict[str, np.ndarray]:
         "coffee224": resized(skimage.data.coffee(), 224, 224),
         "chelsea61x40": resized(skimage.data.chelsea(), 61, 40),
     }
+
+
+@pytest.fixture
+def shm_directory() -> Iterator[Path]:
+    """A directory of the test's own in /dev/shm (tmpfs, as in production), removed after."""
+    path = Path("/dev/shm") / f"augserver-test-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for name in os.listdir(path):
+            os.unlink(path / name)
+        path.rmdir()
 
 
 LANES = ("unit", "service")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +31,8 @@ SHAPE = (3, 4, 8, 8, 3)  # a batch of 4 JSD samples of 8 px
 
 
 @pytest.fixture
-def directory() -> Iterator[Path]:
-    """A directory of its own in /dev/shm (tmpfs, as in production), removed afterwards."""
-    path = Path("/dev/shm") / f"augserver-test-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for name in os.listdir(path):
-            os.unlink(path / name)
-        path.rmdir()
+def directory(shm_directory: Path) -> Path:
+    return shm_directory
 
 
 def test_a_worker_writes_a_slot_and_the_trainer_reads_the_same_bytes(directory: Path) -> None:

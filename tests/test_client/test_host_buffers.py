@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,8 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def directory() -> Iterator[Path]:
-    path = Path("/dev/shm") / f"augserver-test-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for name in os.listdir(path):
-            os.unlink(path / name)
-        path.rmdir()
+def directory(shm_directory: Path) -> Path:
+    return shm_directory
 
 
 def test_a_buffer_is_reused_only_once_no_tensor_uses_it() -> None:

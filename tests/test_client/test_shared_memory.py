@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,17 +33,10 @@ N = 96  # batch 8: 12 batches an epoch
 
 
 @pytest.fixture
-def shm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def shm(shm_directory: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """This test's shared-memory directory, given to every process it starts."""
-    path = Path("/dev/shm") / f"augserver-test-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    monkeypatch.setenv("AUGSERVER_SHM_DIR", str(path))
-    try:
-        yield path
-    finally:
-        for name in os.listdir(path):
-            os.unlink(path / name)
-        path.rmdir()
+    monkeypatch.setenv("AUGSERVER_SHM_DIR", str(shm_directory))
+    return shm_directory
 
 
 def status(address: str) -> DispatcherStats:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from augserver.status import request_status
 from client.loader import RemoteAugMixLoader
 from client.programs.digits import digits_npz
 from client.programs.local_server import local_server
@@ -57,6 +58,9 @@ def run_quickstart(address: str, steps: int) -> int:
     losses = result.losses
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f} over {len(losses)} steps")
+    counters = request_status(address, 10.0).counters
+    print(f"data path: {counters.batches_shm} of {counters.batches_shm + counters.batches_tcp} "
+          "batches through shared memory (workers on this host), the rest over TCP")
     return 0 if last < first else 1
 
 

@@ -373,7 +373,8 @@ class Dispatcher:
             "stream": stream.id, "position": task.position, "failed": message["failed"],
             "slot": outcome.slot}, outcome.receipt)
         if self._send(stream.client, frames) and outcome.end:
-            self._reply(stream.client, "end", stream=stream.id)
+            lost = stream.shm.unsafe() if stream.shm is not None else []
+            self._reply(stream.client, "end", stream=stream.id, lost=lost)
 
     # ------------------------------------------------------------------ clients
 

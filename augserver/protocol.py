@@ -42,7 +42,9 @@ with ``slot`` ``written`` and only the labels and indices as arrays; else it sen
 as usual and says ``unusable`` (it cannot see the arena), ``dirty`` (a thread it abandoned may
 still write the slot) or ``none``. The batch to the client names the slot (``slot``, else
 None, the views then following as on TCP), and the client's ``credit`` lists in ``free`` the
-slots it has copied out and released.
+slots it has copied out and released. ``end`` lists in ``lost`` the slots someone may still
+write (their writer was lost); a client whose stream ended with none may use its arena again
+for its next stream.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "credit": {"stream": _STR, "n": _positive_int, "free": _int_list},
     "batch": {"stream": _STR, "position": _non_negative_int, "failed": _failures,
               "slot": _optional_slot},
-    "end": {"stream": _STR},
+    "end": {"stream": _STR, "lost": _int_list},
     "close": {"stream": _STR},
     "ping": {},
     "pong": {},
@@ -221,6 +223,7 @@ OPTIONAL: dict[str, dict[str, Any]] = {
     "result": {"slot": SLOT_NONE},
     "batch": {"slot": None},
     "credit": {"free": ()},
+    "end": {"lost": ()},
 }
 """Fields that may be left out, with the value they then have (the shared-memory fields: a
 message over TCP does not carry them)."""

@@ -10,6 +10,7 @@ conversation is written, together with the diagnosis of a dispatcher that never 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +56,10 @@ class ConnectionWatch:
 
     def __init__(self, sock: zmq.Socket) -> None:
         self._sock = sock
-        self._monitor: zmq.Socket | None = sock.get_monitor_socket(self._EVENTS)
+        # An endpoint of its own: pyzmq's default is named after the socket's file descriptor,
+        # which a new socket can reuse before the old monitor's endpoint is gone.
+        self._monitor: zmq.Socket | None = sock.get_monitor_socket(
+            self._EVENTS, addr=f"inproc://augserver-monitor-{uuid.uuid4().hex}")
         self.connected = False
         self.handshake = ""
         """``""`` (none finished yet), ``"ok"``, ``"mechanism"`` (one side uses CURVE, the

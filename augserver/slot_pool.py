@@ -6,7 +6,9 @@ free, out (its task is with a worker), delivered (the client has the batch and n
 released it: ``credit``'s ``free``), or quarantined: its writer was lost (declared dead,
 stalled, or a thread it abandoned may still write), and a slot that someone may still write is
 never handed out again. A stream out of free slots sends over TCP: the path falls back, it
-never waits. A new connection of the client brings a new arena, with every slot free.
+never waits. A new connection of the client brings a new arena, with every slot free; a
+stream that ended with no slot quarantined (``end``'s ``lost`` is empty) lets the client offer
+the same arena for its next stream.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class SlotPool:
         """Someone may still write ``slot``: never hand it out again."""
         self.out.discard(slot)
         self.quarantined.add(slot)
+
+    def unsafe(self) -> list[int]:
+        """The slots someone may still write (quarantined or out), sorted: an arena with none
+        can serve its client's next stream."""
+        return sorted(self.quarantined | self.out)
 
     def released(self, slots: list[int]) -> int:
         """The client copied these slots out; only delivered ones are freed (a slot named

@@ -45,8 +45,9 @@ BATCH = 32
 
 def write_job(folder: Path, io_threads: int, samples: int = 1 << 17, batch: int = BATCH) -> Path:
     """A 224 px JSD job (batch 32: 14.5 MB a batch) over tiny images no-op workers never
-    read; epochs long enough (as real ones are) that making each stream's shared-memory arena
-    (about 0.5 CPU-s per GB of arena, once per epoch and rank) does not weigh in."""
+    read; epochs long enough (as real ones are) that making a shared-memory arena (about
+    0.5 CPU-s per GB of arena, once per trainer, again only after an epoch that lost a slot)
+    does not weigh in."""
     data = folder / "plane.npz"
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8),

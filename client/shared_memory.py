@@ -8,7 +8,9 @@ pinned memory for a CUDA loader (the copy to the device is then asynchronous); o
 is the layout or dtype conversion the batch needs anyway, or, when it needs none, a copy
 into a :class:`HostBuffers` buffer. When the connection ends the arena's name is removed at
 once (no worker may attach any more), and its memory is unmapped once the batches it still
-holds are consumed or the stream stops.
+holds are consumed or the stream stops; but a stream whose ``end`` names no slot that someone
+may still write passes its arena to the loader's next stream (making one costs about 0.5 CPU-s
+per GB of arena).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augserver.shm import Arena, ShmError
+from augserver.shm import Arena, ShmError, slot_bytes
 
 log = logging.getLogger("augserver.client")
 
@@ -50,6 +52,11 @@ class SessionArena:
                 log.warning("batches come over TCP: %s", exc)
             return None
 
+    def fits(self, slots: int, views_bytes: int) -> bool:
+        """Whether it can serve a stream of ``slots`` slots of ``views_bytes``, and is open."""
+        return (not self._retired and self.arena.slots == slots
+                and self.arena.slot_bytes == slot_bytes(views_bytes))
+
     def hold(self) -> None:
         """A batch arrived in one of the slots."""
         with self._lock:
@@ -66,6 +73,11 @@ class SessionArena:
             done = self._retired and self._held == 0
         if done:
             self.arena.close()
+
+    def drop_holds(self) -> None:
+        """The batches received into it and not read are dropped (their stream is over)."""
+        with self._lock:
+            self._held = 0
 
     def retire(self) -> None:
         """The connection is over: unlink now, unmap once nothing is held."""

@@ -473,6 +473,7 @@ def test_shared_memory_tasks_carry_free_slots_held_until_the_client_releases_the
     outcomes = [state.result(state.peers[t.worker], result(state, t), 1.0) for t in tasks]
     assert [o.kind for o in outcomes] == [RELAY] * 3
     assert sorted(o.slot for o in outcomes) == [0, 1, 2] and stream.shm.delivered == {0, 1, 2}
+    assert stream.shm.unsafe() == []  # delivered slots are the client's: nobody writes them
     state.credit(client, "s", 1, 1.0, [1, 1, 7])  # a slot named twice, one it never had
     (task,) = state.schedule()
     assert task.slot == 1 and stream.shm.free == []
@@ -515,6 +516,7 @@ def test_a_slot_its_writer_may_still_write_is_never_handed_out_again() -> None:
     outcome = state.result(w1, result(state, task, slot=protocol.SLOT_DIRTY), 1.0)
     assert outcome.kind == RELAY and outcome.slot is None  # its views came over TCP
     assert slot in stream.shm.quarantined
+    assert stream.shm.unsafe() == sorted(stream.shm.quarantined)  # what `end` will list
     # no slot left: the stream goes on over TCP, within the dispatcher's byte budget
     state.credit(client, "s", 1, 1.0)
     rest = state.schedule()

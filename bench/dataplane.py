@@ -18,7 +18,7 @@ the slot out once. For 1, 2 and 4 trainer processes (each a ``RemoteAugMixLoader
   CUDA loader then adds).
 
     python bench/dataplane.py [--seconds 5] [--trainers 1,2,4] [--io-threads 1,2] \
-        [--paths shm,tcp]
+        [--paths shm,tcp] [--batch 32] [--samples 131072]
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="no-op worker threads")
     parser.add_argument("--paths", default="shm,tcp")
     parser.add_argument("--batch", type=int, default=BATCH, help="samples per batch")
+    parser.add_argument("--samples", type=int, default=1 << 17, help="samples per epoch")
     parser.add_argument("--trainer", nargs=5,
                         metavar=("ADDRESS", "RANK", "WORLD", "SECONDS", "PATH"),
                         help=argparse.SUPPRESS)
@@ -147,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.paths.split(","):
             for io in (int(n) for n in args.io_threads.split(",")):
-                config = write_job(Path(tmp), io, batch=args.batch)
+                config = write_job(Path(tmp), io, args.samples, args.batch)
                 for k in (int(n) for n in args.trainers.split(",")):
                     r = measure(config, k, args.seconds, args.workers, path)
                     assert path == "tcp" or r["shm_share"] == 1.0, r  # it took the path asked

@@ -35,7 +35,7 @@ class BatchLayout:
     @property
     def sample_bytes(self) -> int:
         """Bytes one sample takes in a batch message: its pixels, label and index."""
-        return self.views_bytes_per_sample + SAMPLE_OVERHEAD
+        return self.views_bytes(1) + SAMPLE_OVERHEAD
 
     def message_bytes(self, n: int) -> int:
         """Bytes of the arrays of a batch of ``n`` samples (what credits are counted in)."""
@@ -45,9 +45,9 @@ class BatchLayout:
         """An uninitialised views array for ``n`` samples, for a worker to fill."""
         return np.empty(self.views_shape(n), VIEWS_DTYPE)
 
-    @property
-    def views_bytes_per_sample(self) -> int:
-        return self.views * self.side * self.side * 3
+    def views_bytes(self, n: int) -> int:
+        """Bytes of the views of ``n`` samples (what a shared-memory slot holds)."""
+        return n * self.views * self.side * self.side * 3
 
     def problem(self, specs: list[tuple[np.dtype, tuple[int, ...]]],
                 in_slot: bool = False) -> str | None:

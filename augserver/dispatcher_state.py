@@ -287,12 +287,11 @@ class DispatcherState:
         worker.tasks.discard(task.id)
         stream = task.stream
         del stream.in_flight[task.position]
-        given = task.slot is not None
-        slot = self._settle_slot(task, message["slot"])
-        problem = self._check_result(task, message, slot is not None, given)
+        in_slot = task.slot is not None and message["slot"] == protocol.SLOT_WRITTEN
+        problem = self._check_result(task, message, in_slot, task.slot is not None)
+        if task.slot is not None and stream.shm is not None:
+            self._settle_slot(stream.shm, task, message["slot"], problem is None)
         if problem is not None:
-            if slot is not None:
-                self._settle_slot(task, protocol.SLOT_NONE)  # its writer is done
             heapq.heappush(stream.pending, task.position)
             self.counters.tasks_reissued += 1
             return ResultOutcome(REJECTED, task, f"result of task {task.id}: {problem}; "
@@ -311,33 +310,29 @@ class DispatcherState:
         end = stream.remaining == 0
         if end:
             self.drop_stream(stream)
-        if slot is not None:
+        if in_slot:
             stream.shm_batches += 1
             self.counters.batches_shm += 1
-            assert stream.shm is not None
-            stream.shm.deliver(slot)
         else:
             stream.tcp_batches += 1
             self.counters.batches_tcp += 1
         receipt = self.outboxes.data(stream.client, protocol.size(message.frames))
-        return ResultOutcome(RELAY, task, end=end, receipt=receipt, slot=slot)
+        return ResultOutcome(RELAY, task, end=end, receipt=receipt,
+                             slot=task.slot if in_slot else None)
 
-    def _settle_slot(self, task: Task, status: Any) -> int | None:
-        """What a result's ``slot`` status means for its task's slot: the slot holding the
-        views (``written``), else None, the slot freed or, if someone may still write it,
-        quarantined. A slot claimed without one given is left to the result check."""
-        pool, slot = task.stream.shm, task.slot
-        if slot is None or pool is None:
-            return None
-        task.slot = None
-        if status == protocol.SLOT_WRITTEN:
-            task.slot = slot
-            return slot
-        if status == protocol.SLOT_DIRTY:
-            pool.lost(slot)
-        else:
-            pool.untouched(slot, task.worker if status == protocol.SLOT_UNUSABLE else None)
-        return None
+    @staticmethod
+    def _settle_slot(pool: SlotPool, task: Task, status: Any, valid: bool) -> None:
+        """What the result's ``slot`` status (and whether the result is ``valid``) means for
+        the slot ``task`` was given: delivered with the batch, quarantined if someone may
+        still write it, else free again (and no more slots for a worker that cannot see the
+        arena)."""
+        assert task.slot is not None
+        if status == protocol.SLOT_WRITTEN and valid:
+            pool.deliver(task.slot)
+        elif status == protocol.SLOT_DIRTY:
+            pool.lost(task.slot)
+        else:  # never written, or written and refused: its writer is done
+            pool.untouched(task.slot, task.worker if status == protocol.SLOT_UNUSABLE else None)
 
     def _untrack(self, task_id: int) -> Task | None:
         """Remove a task from those out (keeping the count of inline ones)."""

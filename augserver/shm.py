@@ -38,18 +38,20 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ENV = "AUGSERVER_SHM_DIR"
 """Environment variable naming the shared-memory directory; ``off`` turns the path off."""
 DEFAULT_DIR = "/dev/shm"
-HEADER_BYTES = 4096
+PAGE = 4096
+HEADER_BYTES = PAGE
 """The header page: :data:`MAGIC`, the token, the slot count and the slot size."""
 MAGIC = b"AUGSHM01"
 TOKEN_BYTES = 16
 MAX_SLOTS = 1024
-SLOT_ALIGN = 4096
+SLOT_ALIGN = PAGE
 SWEEP_SECONDS = 2.0
 """How often a worker sweeps the directory for arenas whose owner is dead."""
 NAME = re.compile(r"augserver-[0-9a-f]{32}\.shm")
@@ -74,6 +76,11 @@ def slot_bytes(views_bytes: int) -> int:
     return -(-views_bytes // SLOT_ALIGN) * SLOT_ALIGN
 
 
+def arena_bytes(slots: int, slot_size: int) -> int:
+    """The size of an arena of ``slots`` slots of ``slot_size`` bytes: its shared memory."""
+    return HEADER_BYTES + slots * slot_size
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where one task's views go: slot ``index`` of arena ``name`` (with its ``token``)."""
@@ -82,7 +89,12 @@ class Slot:
     token: bytes
     index: int
 
-    def to_wire(self) -> dict[str, object]:
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Slot:
+        """A task's valid ``slot`` field (see :mod:`augserver.protocol`)."""
+        return cls(wire["arena"], wire["token"], wire["slot"])
+
+    def to_wire(self) -> dict[str, Any]:
         return {"arena": self.name, "token": self.token, "slot": self.index}
 
 
@@ -100,7 +112,7 @@ class Arena:
         self.slots = slots
         self.slot_bytes = slot_bytes
         self._fd = fd
-        self._map = mmap.mmap(fd, HEADER_BYTES + slots * slot_bytes, mmap.MAP_SHARED)
+        self._map = mmap.mmap(fd, arena_bytes(slots, slot_bytes), mmap.MAP_SHARED)
         self._unlink = weakref.finalize(self, _unlink_quietly, path)  # also at exit
 
     @classmethod
@@ -110,7 +122,7 @@ class Arena:
         if not 1 <= slots <= MAX_SLOTS:
             raise ShmError(f"an arena has 1 to {MAX_SLOTS} slots, not {slots}")
         size = slot_bytes(views_bytes)
-        total = HEADER_BYTES + slots * size
+        total = arena_bytes(slots, size)
         sweep(directory)  # what dead trainers left
         for _ in range(8):
             path = directory / f"augserver-{uuid.uuid4().hex}.shm"
@@ -172,7 +184,7 @@ class Attached:
         self.slots = slots
         self.slot_bytes = slot_bytes
         self._ino = os.fstat(fd).st_ino
-        self._map = mmap.mmap(fd, HEADER_BYTES + slots * slot_bytes, mmap.MAP_SHARED)
+        self._map = mmap.mmap(fd, arena_bytes(slots, slot_bytes), mmap.MAP_SHARED)
         os.close(fd)  # the mapping keeps the memory
 
     def view(self, index: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -209,7 +221,7 @@ def attach(directory: Path, name: str, token: bytes) -> Attached:
         if magic != MAGIC or found != token:
             raise ShmError(f"arena {path} is not the trainer's (its token differs)")
         if not 1 <= slots <= MAX_SLOTS or size % SLOT_ALIGN or \
-                os.fstat(fd).st_size < HEADER_BYTES + slots * size:
+                os.fstat(fd).st_size < arena_bytes(slots, size):
             raise ShmError(f"arena {path} has a damaged header")
         return Attached(path, fd, token, slots, size)
     except BaseException:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from augserver.shm import Slot
+
 
 @dataclass(eq=False)
 class SlotPool:
@@ -50,7 +52,7 @@ class SlotPool:
 
     def wire(self, slot: int) -> dict[str, Any]:
         """``task.slot`` for ``slot``."""
-        return {"arena": self.arena, "token": self.token, "slot": slot}
+        return Slot(self.arena, self.token, slot).to_wire()
 
     def untouched(self, slot: int, worker: bytes | None = None) -> None:
         """The task's result came over TCP and nobody writes the slot; ``worker`` given: it
@@ -75,13 +77,10 @@ class SlotPool:
         can serve its client's next stream."""
         return sorted(self.quarantined | self.out)
 
-    def released(self, slots: list[int]) -> int:
+    def released(self, slots: list[int]) -> None:
         """The client copied these slots out; only delivered ones are freed (a slot named
-        twice, or never delivered, is ignored). Returns how many were freed."""
-        freed = 0
+        twice, or never delivered, is ignored)."""
         for slot in slots:
             if slot in self.delivered:
                 self.delivered.discard(slot)
                 self.free.append(slot)
-                freed += 1
-        return freed

@@ -464,7 +464,7 @@ class Worker:
         if abandoned is not None:
             status = protocol.SLOT_DIRTY if abandoned.out is not None else abandoned.slot
         elif wire is not None:
-            slot = Slot(wire["arena"], wire["token"], wire["slot"])
+            slot = Slot.from_wire(wire)
             known = slot.name in self.shm.unusable
             try:
                 shape = self.job.config.layout.views_shape(len(task["indices"]))

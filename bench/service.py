@@ -233,7 +233,7 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
         wire = message["slot"]
         if wire is not None:
             try:
-                attachments.view(Slot(wire["arena"], wire["token"], wire["slot"]),
+                attachments.view(Slot.from_wire(wire),
                                  pixels[:, :n].shape)
                 arrays, status = arrays[1:], protocol.SLOT_WRITTEN
             except ShmError:

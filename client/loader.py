@@ -673,7 +673,7 @@ class _Stream:
         """This connection's arena: ``prefetch`` slots of a full batch's views, or None; the
         previous stream's when it ended clean (making one costs about 0.5 CPU-s per GB)."""
         loader = self.loader
-        views = loader.config.layout.views_bytes_per_sample * loader.config.batch_size
+        views = loader.config.layout.views_bytes(loader.config.batch_size)
         spare, loader._spare_arena = loader._spare_arena, None
         if spare is not None and spare.fits(loader.prefetch, views):
             self.arena = spare

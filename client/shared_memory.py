@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augserver.shm import Arena, ShmError, slot_bytes
+from augserver.shm import PAGE, Arena, ShmError, slot_bytes
 
 log = logging.getLogger("augserver.client")
 
@@ -130,6 +130,3 @@ def _page_aligned(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + PAGE, np.uint8)
     start = -raw.ctypes.data % PAGE
     return raw[start:start + nbytes]
-
-
-PAGE = 4096

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from augserver.plan import ShardPlan
-from augserver.shm import HEADER_BYTES, slot_bytes
+from augserver.shm import arena_bytes, slot_bytes
 from augserver.stats import DispatcherStats
 from augserver.status import request_status
 from client import RemoteAugMixLoader
@@ -70,7 +70,7 @@ def test_the_stream_is_the_same_through_shared_memory_and_tcp_for_any_worker_cou
             if len(batches) == 1 and path == "shm":
                 (arena,) = arenas(shm)  # prefetch slots of a full batch's views
                 views = 3 * 8 * 32 * 32 * 3
-                assert os.path.getsize(shm / arena) == HEADER_BYTES + 4 * slot_bytes(views)
+                assert os.path.getsize(shm / arena) == arena_bytes(4, slot_bytes(views))
             if kill and len(batches) == 2:
                 Processes.kill(started[0])  # it holds tasks, their slots half written
         stats = status(address)

@@ -660,13 +660,12 @@ def _arena_bytes(config_text: str) -> int:
     import inspect
 
     from augserver.config import config_from_dict
-    from augserver.shm import HEADER_BYTES, slot_bytes
+    from augserver.shm import arena_bytes, slot_bytes
     from client.loader import RemoteAugMixLoader
 
     config = config_from_dict(yaml.safe_load(config_text), check_paths=False)
     prefetch = inspect.signature(RemoteAugMixLoader).parameters["prefetch"].default
-    views = config.layout.views_bytes_per_sample * config.batch_size
-    return HEADER_BYTES + prefetch * slot_bytes(views)
+    return arena_bytes(prefetch, slot_bytes(config.layout.views_bytes(config.batch_size)))
 
 
 _SIZE = re.compile(r"(\d+)\s*([kmg]?)i?b?", re.IGNORECASE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import re
@@ -91,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from augserver.supervisor import Supervisor
 
     _setup_logging(args.log_level)
+    faulthandler.enable()
     try:
         config = load_config(args.config, {"bind": args.bind, "workers": args.workers,
                                            "metrics.bind": args.metrics,
@@ -265,6 +267,7 @@ def _worker(args: argparse.Namespace) -> int:
     from augserver.worker import EXIT_FATAL, run_worker
 
     _setup_logging(args.log_level)
+    faulthandler.enable()  # a crash prints every thread's Python stack on stderr
     keys = _client_keys(args, "worker")
     stop = _stop_on_signals()
     if args.procs == 1:

@@ -10,10 +10,13 @@ a random token, the slot count and size) and then ``slots`` slots of ``slot_byte
 room for one batch's views (:mod:`augserver.batch`).
 
 A worker on the same host :func:`attach`-es to it by name (a name of any other form is refused,
-so a dispatcher cannot point a worker at another file), checks the token and maps it; it writes
-a task's views straight into the slot the dispatcher chose. A worker elsewhere, or in a
-container that does not share the directory, finds no such file (or another token) and sends
-its pixels over TCP instead: that is the automatic fallback.
+so a dispatcher cannot point a worker at another file), checks the token and keeps the file
+open; it makes a task's views in memory of its own and writes them into the slot the
+dispatcher chose with one ``pwrite``. A worker never maps a trainer's arena: a peer that
+shrinks or replaces its file, or closes its arena while a worker writes, cannot fault the
+worker (see :class:`Attached`). A worker elsewhere, or in a container that does not share the
+directory, finds no such file (or another token) and sends its pixels over TCP instead: that is
+the automatic fallback.
 
 No segment outlives its owner. The owner holds a shared ``flock`` on its arena for as long as
 it lives, and the kernel drops that lock when the process dies, however it dies. A file on
@@ -32,6 +35,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 import uuid
 import weakref
@@ -51,6 +55,8 @@ HEADER_BYTES = PAGE
 MAGIC = b"AUGSHM01"
 TOKEN_BYTES = 16
 MAX_SLOTS = 1024
+MAX_SLOT_BYTES = 1 << 32
+"""Largest slot a worker writes (4 GiB: far above any batch of views)."""
 SLOT_ALIGN = PAGE
 SWEEP_SECONDS = 2.0
 """How often a worker sweeps the directory for arenas whose owner is dead."""
@@ -176,19 +182,34 @@ class Arena:
 
 
 class Attached:
-    """A worker's mapping of a trainer's arena (it holds no lock: the owner's alone decides)."""
+    """A worker's handle on a trainer's arena: an open file descriptor, never a mapping.
+
+    A worker writes a slot with ``pwrite`` (:meth:`writer`), not through a memory mapping, so
+    nothing the arena's owner does to its file can fault the worker: a mapping of a file that
+    its owner shrinks (``ftruncate``) raises ``SIGBUS`` on the next write, and a mapping that
+    is unmapped while a thread still writes through it raises ``SIGSEGV``; a ``pwrite`` to a
+    shrunk file only extends it again, and each writer owns a descriptor of its own. It holds
+    no lock: the owner's alone decides the arena's life.
+    """
 
     def __init__(self, path: Path, fd: int, token: bytes, slots: int, slot_bytes: int) -> None:
         self.path = path
         self.token = token
         self.slots = slots
         self.slot_bytes = slot_bytes
+        self._fd = fd
         self._ino = os.fstat(fd).st_ino
-        self._map = mmap.mmap(fd, arena_bytes(slots, slot_bytes), mmap.MAP_SHARED)
-        os.close(fd)  # the mapping keeps the memory
 
-    def view(self, index: int, shape: tuple[int, ...]) -> np.ndarray:
-        return _slot_view(self._map, self.slots, self.slot_bytes, index, shape)
+    def writer(self, index: int, nbytes: int) -> SlotWriter:
+        """A writer of ``nbytes`` into slot ``index`` with a descriptor of its own (closing this
+        handle, or pruning it, never disturbs a write in progress on another thread)."""
+        if self._fd < 0:
+            raise ShmError(f"arena {self.path.name} is closed here")
+        if not 0 <= index < self.slots or nbytes > self.slot_bytes:
+            raise ShmError(f"slot {index} of {nbytes} bytes does not fit an arena of "
+                           f"{self.slots} slots of {self.slot_bytes} bytes")
+        return SlotWriter(self.path.name, os.dup(self._fd),
+                          HEADER_BYTES + index * self.slot_bytes, nbytes)
 
     def retired(self) -> bool:
         """Whether the arena's name is gone (its owner closed it, or a sweep removed it)."""
@@ -198,30 +219,62 @@ class Attached:
             return True
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SlotWriter:
+    """Writes one task's views into its slot with ``pwrite``; owns its descriptor until
+    :meth:`close` (also when the write fails)."""
+
+    def __init__(self, arena: str, fd: int, offset: int, nbytes: int) -> None:
+        self.arena = arena
+        self.offset = offset
+        self.nbytes = nbytes
+        self._fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
+
+    def write(self, views: np.ndarray) -> None:
+        """Write ``views`` (C-contiguous uint8 of :attr:`nbytes`) at the slot's offset;
+        :class:`ShmError` saying why it could not (the trainer then gets them over TCP)."""
+        data = memoryview(np.ascontiguousarray(views)).cast("B")
+        if len(data) != self.nbytes:
+            raise ShmError(f"{len(data)} bytes of views for a slot write of {self.nbytes}")
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], self.offset + done)
+        except OSError as exc:
+            raise ShmError(f"cannot write arena {self.arena}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        self._close()
 
 
 def attach(directory: Path, name: str, token: bytes) -> Attached:
-    """Map arena ``name`` of ``directory`` if it is there with ``token``; else
+    """Open arena ``name`` of ``directory`` if it is there with ``token``; else
     :class:`ShmError` saying why (the usual one on another host: no such arena here)."""
     if not NAME.fullmatch(name):
         raise ShmError(f"{name!r:.80} is not an augserver arena name")
     path = directory / name
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ShmError(f"no arena {name} in {directory} (the trainer is on another host, or "
                        "does not share this shared-memory directory)") from None
     except OSError as exc:
         raise ShmError(f"cannot open arena {path}: {exc.strerror or exc}") from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ShmError(f"arena {path} is not a regular file")
         head = os.pread(fd, _HEAD.size, 0)
         magic, found, slots, size = _HEAD.unpack(head) if len(head) == _HEAD.size else (b"",) * 4
         if magic != MAGIC or found != token:
             raise ShmError(f"arena {path} is not the trainer's (its token differs)")
-        if not 1 <= slots <= MAX_SLOTS or size % SLOT_ALIGN or \
-                os.fstat(fd).st_size < arena_bytes(slots, size):
+        if not 1 <= slots <= MAX_SLOTS or size % SLOT_ALIGN or not 0 < size <= MAX_SLOT_BYTES \
+                or info.st_size < arena_bytes(slots, size):
             raise ShmError(f"arena {path} has a damaged header")
         return Attached(path, fd, token, slots, size)
     except BaseException:
@@ -231,7 +284,7 @@ def attach(directory: Path, name: str, token: bytes) -> Attached:
 
 
 class Attachments:
-    """A worker's arenas by name: mapped on first use, the reason kept when one cannot be,
+    """A worker's arenas by name: opened on first use, the reason kept when one cannot be,
     dropped once retired (:meth:`prune`)."""
 
     MAX = 64
@@ -241,8 +294,8 @@ class Attachments:
         self.mapped: OrderedDict[str, Attached] = OrderedDict()
         self.unusable: OrderedDict[str, str] = OrderedDict()  # name -> why
 
-    def view(self, slot: Slot, shape: tuple[int, ...]) -> np.ndarray:
-        """Slot ``slot`` as an array of ``shape`` to write into; :class:`ShmError` if not."""
+    def writer(self, slot: Slot, nbytes: int) -> SlotWriter:
+        """A writer of ``nbytes`` into ``slot``; :class:`ShmError` if this worker cannot."""
         if self.directory is None:
             self._remember(self.unusable, slot.name, f"shared memory is off here ({ENV}=off)")
         why = self.unusable.get(slot.name)
@@ -256,7 +309,7 @@ class Attachments:
                 self._remember(self.unusable, slot.name, str(exc))
                 raise
             self._remember(self.mapped, slot.name, arena)
-        return arena.view(slot.index, shape)
+        return arena.writer(slot.index, nbytes)
 
     def _remember(self, table: OrderedDict, name: str, value: object) -> None:
         table[name] = value
@@ -267,7 +320,7 @@ class Attachments:
                 old.close()
 
     def prune(self) -> None:
-        """Sweep the directory, and unmap the arenas whose name is gone."""
+        """Sweep the directory, and close the arenas whose name is gone."""
         if self.directory is None:
             return
         sweep(self.directory)

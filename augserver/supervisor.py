@@ -34,8 +34,10 @@ MIN_DELAY = 0.5
 MAX_DELAY = 30.0
 HEALTHY_AFTER = 10.0
 """A worker that ran this many seconds died of something other than its start-up."""
-LAST_WORDS = 20
+LAST_WORDS = 40
 """Lines of a worker's error output kept to say why it died."""
+LAST_WORDS_SECONDS = 10.0
+"""Only what a worker printed this many seconds before it exited is quoted as the reason."""
 
 
 @dataclass
@@ -49,8 +51,10 @@ class Slot:
     delay: float = MIN_DELAY
     fatal: bool = False
     young_deaths: int = 0  # exits in a row before HEALTHY_AFTER seconds
-    last_words: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_WORDS))
+    last_words: deque[tuple[float, str]] = field(
+        default_factory=lambda: deque(maxlen=LAST_WORDS))  # (monotonic time, line)
     last_exit: str = ""
+    reason: str = "it printed nothing"
 
 
 class Supervisor:
@@ -145,6 +149,7 @@ class Supervisor:
             process.wait(1)  # let the relay thread read its last words
         time.sleep(0.05)
         slot.last_exit = describe_exit(code)
+        slot.reason = last_words(slot.last_words, time.monotonic())
         if code == EXIT_FATAL:
             slot.fatal = True
             log.error("local worker %d (pid %d) stopped for good (exit %d); not restarting: %s",
@@ -161,7 +166,7 @@ class Supervisor:
                 else "", slot.delay, _reason(slot))
 
 
-def _relay(pipe: IO[bytes], last_words: deque[str]) -> None:
+def _relay(pipe: IO[bytes], last_words: deque[tuple[float, str]]) -> None:
     """Forward a worker's error output to ours, keeping its last lines."""
     out = sys.stderr.buffer
     for line in iter(pipe.readline, b""):
@@ -170,13 +175,33 @@ def _relay(pipe: IO[bytes], last_words: deque[str]) -> None:
             out.flush()
         text = line.decode(errors="replace").strip()
         if text:
-            last_words.append(text)
+            last_words.append((time.monotonic(), text))
     pipe.close()
 
 
 def _reason(slot: Slot) -> str:
-    """The last line a worker wrote on its error output (usually why it stopped)."""
-    return slot.last_words[-1] if slot.last_words else "it printed nothing"
+    """Why a worker stopped, as :func:`last_words` found it when it exited."""
+    return slot.reason
+
+
+def last_words(lines: Sequence[tuple[float, str]], died: float,
+               window: float = LAST_WORDS_SECONDS) -> str:
+    """What to quote for a worker that exited at ``died``, from its ``(time, line)`` error
+    output: a crash report's first line and the innermost frame of the crashing thread
+    (``faulthandler``'s report), else the last line printed in the ``window`` seconds before
+    it exited; never an older line, which would name some earlier, unrelated event."""
+    recent = [text for at, text in lines if at >= died - window]
+    if not recent:
+        return f"it printed nothing in its last {window:g} s"
+    crash = next((i for i, text in enumerate(recent) if text.startswith("Fatal Python error")),
+                 None)
+    if crash is None:
+        return f"its last line: {recent[-1]}"
+    report = recent[crash + 1:]
+    current = next((i for i, t in enumerate(report) if t.startswith("Current thread")), 0)
+    frames = [t for t in report[current:] if t.startswith("File ")]
+    where = f"; in {frames[0]}" if frames else ""
+    return f"{recent[crash]}{where}"
 
 
 def augserver_command(*args: str) -> tuple[list[str], dict[str, str]]:

@@ -25,12 +25,14 @@ Liveness, in both directions:
   are final: :func:`run_worker` logs the reason and returns :data:`EXIT_FATAL`.
 
 Shared memory (:mod:`augserver.shm`): a task that names a slot of its trainer's arena is made
-straight into that slot when this worker can map the arena (same host, same shared-memory
-directory); the result then carries only labels and indices. Otherwise the views go over TCP
-as always and the result says why (``unusable``; logged once per arena). A task made again
-after a sample was abandoned never writes its slot, since the abandoned thread might
-(``dirty``). The worker sweeps the directory every :data:`augserver.shm.SWEEP_SECONDS`, which
-removes the arenas of trainers that died.
+in the worker's own memory and written into that slot with one ``pwrite`` when this worker can
+open the arena (same host, same shared-memory directory); the result then carries only labels
+and indices. The worker never maps an arena, so nothing a trainer does to its file (shrink it,
+replace it, close it mid-write) can fault the worker. Otherwise the views go over TCP as
+always and the result says why (``unusable``; logged once per arena). A task made again after
+a sample was abandoned never writes its slot, since the abandoned thread might (``dirty``).
+The worker sweeps the directory every :data:`augserver.shm.SWEEP_SECONDS`, which removes the
+arenas of trainers that died.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from augserver.errors import ConfigError, DatasetError, RemoteError, SessionTime
 from augserver.kernels_cache import KernelLoad, load_kernels
 from augserver.preprocessing import preprocess
 from augserver.security import ClientKeys
-from augserver.shm import SWEEP_SECONDS, Attachments, ShmError, Slot, shm_dir
+from augserver.shm import SWEEP_SECONDS, Attachments, ShmError, Slot, SlotWriter, shm_dir
 from augserver.storage import store_unreachable
 
 log = logging.getLogger("augserver.worker")
@@ -232,16 +234,26 @@ def _fill_sample(job: Job, epoch: int, index: int, slot: np.ndarray) -> None:
 
 class Making:
     """One task's batch, made on a thread of its own so that the worker's own thread keeps
-    heartbeating and answering however long a sample takes; it notes which sample it is on."""
+    heartbeating and answering however long a sample takes; it notes which sample it is on.
+
+    With a ``writer`` (the task's shared-memory slot) the views are made in ``out``, memory of
+    the worker's own, and written into the slot with one ``pwrite`` by this thread when the
+    batch is whole; :attr:`written` says whether that worked (else the views go over TCP).
+    ``on_done`` runs on this thread when it finishes, after the write.
+    """
 
     def __init__(self, job: Job, task: protocol.Message, refused: Mapping[int, str],
-                 on_done: Callable[[], None] = lambda: None, out: np.ndarray | None = None,
-                 slot: str = protocol.SLOT_NONE) -> None:
+                 on_done: Callable[[Making], None] = lambda m: None,
+                 out: np.ndarray | None = None, slot: str = protocol.SLOT_NONE,
+                 writer: SlotWriter | None = None) -> None:
         self.job = job
         self.task = task
         self.on_done = on_done
-        self.out = out  # the task's shared-memory slot, when the views are made there
+        self.out = out  # where the views are made (the worker's own memory)
+        self.writer = writer  # the task's slot, when the views are to be written there
         self.slot = slot  # result.slot when the views are not in the slot
+        self.written = False
+        self.write_error: str | None = None
         self.refused = dict(refused)
         self.current: tuple[int, float] | None = None  # (index, started) of the sample being made
         self.result: tuple[list[np.ndarray], list[list[Any]]] | None = None
@@ -254,12 +266,21 @@ class Making:
         try:
             self.result = make_batch(self.job, self.task["epoch"], self.task["indices"],
                                      self._starting, self.refused, self.out)
+            views = self.result[0][0]
+            if self.writer is not None and self.out is not None and views is self.out:
+                try:
+                    self.writer.write(views)
+                    self.written = True
+                except ShmError as exc:
+                    self.write_error = str(exc)
         except BaseException as exc:  # raised again in the worker's thread by done()
             self.error = exc
         finally:
+            if self.writer is not None:
+                self.writer.close()
             self.current = None
             self.finished = True  # before the wake-up: the thread itself is still alive
-            self.on_done()
+            self.on_done(self)
 
     def _starting(self, index: int) -> None:
         self.current = (index, time.monotonic())
@@ -336,6 +357,7 @@ class Worker:
         self.receipt = 0  # of the latest message read from the dispatcher (augserver.outbox)
         self.making: Making | None = None
         self.shm = Attachments(shm_dir())
+        self.scratch: list[np.ndarray] = []  # buffers for slot views, given back when written
         self.next_sweep = 0.0
         self.too_slow: dict[int, str] = {}  # samples past limits.sample_seconds: not tried again
         self.abandoned: threading.Thread | None = None  # still making a too slow sample
@@ -457,27 +479,40 @@ class Worker:
             self._check_making()
 
     def _start(self, task: protocol.Message, abandoned: Making | None = None) -> Making:
-        """Make ``task``'s batch, in its slot when it names one this worker can map; made
-        again after ``abandoned`` was left running, never in the slot that one writes."""
+        """Make ``task``'s batch, for its slot when it names one this worker can write; made
+        again after ``abandoned`` was left running, never for the slot that one writes."""
         assert self.job is not None
-        out, status, wire = None, protocol.SLOT_NONE, task["slot"]
+        out, writer, status, wire = None, None, protocol.SLOT_NONE, task["slot"]
         if abandoned is not None:
-            status = protocol.SLOT_DIRTY if abandoned.out is not None else abandoned.slot
+            status = protocol.SLOT_DIRTY if abandoned.writer is not None else abandoned.slot
         elif wire is not None:
             slot = Slot.from_wire(wire)
             known = slot.name in self.shm.unusable
+            shape = self.job.config.layout.views_shape(len(task["indices"]))
             try:
-                shape = self.job.config.layout.views_shape(len(task["indices"]))
-                out = self.shm.view(slot, shape)
+                writer = self.shm.writer(slot, int(np.prod(shape)))
+                out = self._scratch(shape)
             except ShmError as exc:
                 status = protocol.SLOT_UNUSABLE
                 if not known:
                     log.info("worker %s: sending over TCP to the trainer of arena %s: %s",
                              self.name, slot.name, exc)
-        return Making(self.job, task, self.too_slow, self._signal_made, out, status)
+        return Making(self.job, task, self.too_slow, self._made_one, out, status, writer)
 
-    def _signal_made(self) -> None:
-        """Called on a making thread when its batch is done (or failed)."""
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A buffer of ``shape`` to make a slot's views in: one a finished task gave back
+        (fresh pages cost page faults), else a new one."""
+        while self.scratch:
+            buffer = self.scratch.pop()
+            if buffer.shape == shape:
+                return buffer
+        return np.empty(shape, np.uint8)
+
+    def _made_one(self, making: Making) -> None:
+        """Called on a making thread when its batch is done (or failed): its buffer goes back
+        when the slot holds the views (nothing else refers to it), and the worker wakes."""
+        if making.written and making.out is not None and len(self.scratch) < 2:
+            self.scratch.append(making.out)
         with self._signal_lock, contextlib.suppress(zmq.ZMQError):
             self._made_signal.send(b"", zmq.NOBLOCK)
 
@@ -490,9 +525,14 @@ class Worker:
             assert making.result is not None
             arrays, failed = making.result
             status = making.slot
-            if making.out is not None:
-                # written in the slot; else samples are missing and the views came compacted
-                status = protocol.SLOT_WRITTEN if arrays[0] is making.out else protocol.SLOT_NONE
+            if making.writer is not None:
+                # in the slot; else the write failed (the views come inline, and no more slots
+                # of that arena for this worker) or samples are missing (views compacted)
+                status = (protocol.SLOT_WRITTEN if making.written else protocol.SLOT_UNUSABLE
+                          if making.write_error else protocol.SLOT_NONE)
+                if making.write_error:
+                    log.warning("worker %s: %s; sending over TCP", self.name,
+                                making.write_error)
                 if status == protocol.SLOT_WRITTEN:
                     arrays = arrays[1:]
             # A result also frees the worker slot its task used: no separate ready message.

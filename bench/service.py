@@ -204,8 +204,8 @@ def kernel_rate(config: Path, seconds: float) -> tuple[float, float]:
 
 def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> None:
     """A worker that answers every task at once with a prepared batch of the right shape; a
-    task naming a shared-memory slot it can map is answered as written there (a real worker
-    makes the views in the slot itself: its sending side is then labels and indices alone)."""
+    task naming a shared-memory slot it can open gets the batch written there with one
+    ``pwrite``, as a real worker does, and the answer is labels and indices alone."""
     attachments = Attachments(shm_dir())
     sock = session.dealer(context, address)
     welcome = session.handshake(sock, "worker", f"noop-{threading.get_native_id()}", address,
@@ -233,8 +233,11 @@ def noop_worker(address: str, stop: threading.Event, context: zmq.Context) -> No
         wire = message["slot"]
         if wire is not None:
             try:
-                attachments.view(Slot.from_wire(wire),
-                                 pixels[:, :n].shape)
+                writer = attachments.writer(Slot.from_wire(wire), pixels[:, :n].nbytes)
+                try:
+                    writer.write(pixels[:, :n])  # the one write a real worker makes
+                finally:
+                    writer.close()
                 arrays, status = arrays[1:], protocol.SLOT_WRITTEN
             except ShmError:
                 status = protocol.SLOT_UNUSABLE

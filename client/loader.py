@@ -35,7 +35,7 @@ import zmq
 from augserver import protocol, session
 from augserver.addresses import check_endpoint
 from augserver.config import JobConfig, config_from_dict
-from augserver.errors import RemoteError
+from augserver.errors import AugserverError, RemoteError
 from augserver.plan import ShardPlan, from_ranges, served_mask, to_ranges
 from augserver.security import ClientKeys, KeySource
 from augserver.shm import shm_dir
@@ -66,6 +66,8 @@ class AugMixBatch:
     index: torch.Tensor
     views: torch.Tensor | None = field(default=None, repr=False, compare=False)
     """All views as one ``(V, B, 3, H, W)`` tensor (``orig`` and the rest are its slices)."""
+    position: int = field(default=-1, compare=False)
+    """The batch's place in this rank's plan of the epoch (what the loader's state counts)."""
 
     def concat(self) -> torch.Tensor:
         """The views concatenated along the batch (clean, aug1, aug2) for one forward pass:
@@ -91,6 +93,11 @@ class _Received:
 
 class _End:
     """Sentinel: the dispatcher sent every batch of the stream."""
+
+
+class LoaderInterrupted(AugserverError):
+    """:meth:`RemoteAugMixLoader.interrupt` stopped the iteration while it waited, before it
+    took another batch: nothing was consumed that the trainer did not get."""
 
 
 class RemoteAugMixLoader:
@@ -167,8 +174,16 @@ class RemoteAugMixLoader:
         self._shm_warned: list[str] = []  # reasons already logged for falling back to TCP
         self._spare_arena: SessionArena | None = None  # a clean arena for the next stream
         self._host_buffers = HostBuffers(keep=prefetch + 2)
+        self._interrupted = False  # see interrupt()
 
     # ------------------------------------------------------------------ public API
+
+    def interrupt(self) -> None:
+        """Make the iteration in progress raise :class:`LoaderInterrupted` at its next wait
+        for a batch (within 0.1 s), before it takes one. Safe to call from a signal handler
+        (it only sets a flag) and from any thread; a trainer's graceful stop uses it so that
+        a stop while waiting for data never loses the batch that was about to arrive."""
+        self._interrupted = True
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration streams (its own seeded order). Without it, an
@@ -235,15 +250,20 @@ class RemoteAugMixLoader:
         if spare is not None:
             spare.close()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Progress in the current epoch: small and JSON-serialisable."""
+    def state_dict(self, pending: AugMixBatch | None = None) -> dict[str, Any]:
+        """Progress in the current epoch: small and JSON-serialisable. Every batch yielded
+        counts as consumed, except ``pending``: a batch yielded whose training step did not
+        complete (a stop in the middle of a step), which a resume then streams again."""
         skip = self._epoch_skip()
+        consumed = self._consumed if self._consumed_epoch == self.epoch else set()
+        if pending is not None and pending.position in consumed:
+            consumed = consumed - {pending.position}
         return {
             "epoch": self.epoch,
             "rank": self.rank,
             "world_size": self.world_size,
             "ordered": self.ordered,
-            "consumed": to_ranges(self._consumed) if self._consumed_epoch == self.epoch else [],
+            "consumed": to_ranges(consumed),
             "skip": base64.b64encode(skip).decode() if skip is not None else None,
         }
 
@@ -321,6 +341,9 @@ class RemoteAugMixLoader:
         pending: dict[int, _Received] = {}
         next_position = self._next_ordered_position(0)
         while remaining > 0:
+            if self._interrupted:
+                self._interrupted = False
+                raise LoaderInterrupted("interrupted while waiting for a batch")
             if self.ordered and next_position in pending:
                 item: Any = pending.pop(next_position)
             else:
@@ -335,14 +358,20 @@ class RemoteAugMixLoader:
             if self.ordered and item.position != next_position:
                 pending[item.position] = item
                 continue
-            self._consumed.add(item.position)
             remaining -= 1
             batch = self._to_batch(item) if len(item.labels) else None  # out of its slot
             stream.grant(1, item)
-            if self.ordered:
-                next_position = self._next_ordered_position(item.position + 1)
-            if batch is not None:
-                yield batch
+            try:
+                self._consumed.add(item.position)
+                if self.ordered:
+                    next_position = self._next_ordered_position(item.position + 1)
+                if batch is not None:
+                    yield batch
+            except GeneratorExit:  # closed after the consumer got the batch
+                raise
+            except BaseException:  # e.g. Ctrl-C before the batch reached the consumer
+                self._consumed.discard(item.position)
+                raise
 
     def _next_ordered_position(self, start: int) -> int:
         position = start
@@ -374,11 +403,12 @@ class RemoteAugMixLoader:
         # int64 on the wire (the dispatcher checks): views of the frames, no copies
         target = torch.from_numpy(item.labels).to(self.device, non_blocking=True)
         index = torch.from_numpy(item.indices)
+        position = item.position
         if images.shape[0] == 3:
-            return AugMixBatch(images[0], images[1], images[2], target, index, images)
+            return AugMixBatch(images[0], images[1], images[2], target, index, images, position)
         if self.config.augment == "none":
-            return AugMixBatch(images[0], None, None, target, index, images)
-        return AugMixBatch(None, images[0], None, target, index, images)
+            return AugMixBatch(images[0], None, None, target, index, images, position)
+        return AugMixBatch(None, images[0], None, target, index, images, position)
 
     def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._scale is None:
@@ -473,8 +503,11 @@ class _Stream:
         """The next received batch, the end sentinel, or raise the stream's error."""
         while True:
             try:
-                item = self.items.get(timeout=1.0)
+                item = self.items.get(timeout=0.1)
             except queue.Empty:
+                if self.loader._interrupted:
+                    self.loader._interrupted = False
+                    raise LoaderInterrupted("interrupted while waiting for a batch") from None
                 if not self._thread.is_alive():
                     raise RemoteError("the loader's receive thread stopped unexpectedly") from None
                 continue

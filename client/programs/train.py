@@ -62,6 +62,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import zipfile
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -83,10 +84,19 @@ from augserver.datasets import FORMATS
 from augserver.errors import AugserverError
 from client.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from client.distributed import world
-from client.loader import AugMixBatch, RemoteAugMixLoader
+from client.loader import AugMixBatch, LoaderInterrupted, RemoteAugMixLoader
 from client.loss import jsd_loss, split_views
 from client.programs.local_server import local_server
 from client.programs.models import MODELS, build_model
+from client.programs.stopping import (
+    END,
+    FAILED,
+    STEP,
+    STOP,
+    RankAgreement,
+    StopRequest,
+    Terminated,
+)
 from client.robustness.evaluation import (
     evaluate,
     format_table,
@@ -97,6 +107,8 @@ from client.robustness.evaluation import (
 
 __all__ = [
     "METHODS",
+    "Interrupted",
+    "StreamFailed",
     "TrainError",
     "TrainResult",
     "cosine_lr_factor",
@@ -437,8 +449,15 @@ class Interrupted(TrainError):
         self.code = code
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the training loop is, to unwind as Ctrl-C does."""
+class StreamFailed(TrainError):
+    """The data stream failed (its dispatcher said why, or it went silent); the checkpoint of
+    the last completed step was saved first. ``cause`` is the loader's exception."""
+
+    code = 1
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 def _tensorboard(folder: str | os.PathLike[str] | None) -> Any:
@@ -469,15 +488,17 @@ def _evaluate_epoch(run: _Run, eval_set: tuple[np.ndarray, np.ndarray], epoch: i
     return error
 
 
-def _save(run: _Run) -> None:
+def _save(run: _Run, pending: AugMixBatch | None = None) -> None:
     """Checkpoint on rank 0 with every rank's loader state (a collective under DDP: every
-    rank calls it at the same steps)."""
+    rank calls it at the same steps); ``pending``: this rank's batch that was not trained on,
+    left to the resumed run."""
     if run.path is None:
         return
-    loaders = [run.loader.state_dict()]
+    mine = run.loader.state_dict(pending)
+    loaders = [mine]
     if run.world_size > 1:
         loaders = [None] * run.world_size  # type: ignore[list-item]
-        dist.all_gather_object(loaders, run.loader.state_dict())
+        dist.all_gather_object(loaders, mine)
     if run.rank != 0:
         return
     job = run.loader.config
@@ -490,6 +511,40 @@ def _save(run: _Run) -> None:
         "loader": loaders[run.rank], "loaders": loaders, "epoch": run.loader.epoch,
         "step": run.step, "method": run.method, "rng": rng_state(),
     }, run.path)  # fmt: skip
+
+
+def _next_batch(batches: Iterator[AugMixBatch], stop: StopRequest
+                ) -> tuple[AugMixBatch | None, int, BaseException | None]:
+    """The next batch and what this rank has at this step boundary (see
+    :mod:`client.programs.stopping`), with the loader's error when its stream failed."""
+    if stop.requested:
+        return None, STOP, None
+    try:
+        batch = next(batches, None)
+    except LoaderInterrupted:
+        return None, STOP, None
+    except Exception as exc:  # the stream failed: saved, then reported (see _stop)
+        return None, FAILED, exc
+    if stop.requested:  # asked while the batch arrived: it is left to the resumed run
+        return batch, STOP, None
+    return batch, (END if batch is None else STEP), None
+
+
+def _stop(run: _Run, batch: AugMixBatch | None, failure: BaseException | None,
+          stop: StopRequest, agreement: RankAgreement, show: bool) -> None:
+    """Every rank stops before this step: save the last completed step (each rank's batch in
+    hand goes back to the plan), then raise :class:`StreamFailed` or :class:`Interrupted`."""
+    reasons = agreement.reasons(f"{type(failure).__name__}: {failure}" if failure else None)
+    _save(run, pending=batch)
+    where = (f"checkpoint {run.path} holds step {run.step} (resume with --resume)"
+             if run.path else "no checkpoint (--checkpoint PATH keeps one)")
+    epoch = run.loader.epoch + 1
+    if reasons:
+        cause = reasons[0] if run.world_size > 1 else reasons[0].partition(": ")[2]
+        raise StreamFailed(f"the data stream failed at step {run.step} (epoch {epoch}): "
+                           f"{cause}\n{where}", failure)
+    raise Interrupted(f"interrupted at step {run.step} (epoch {epoch}): {where}",
+                      stop.exit_code)
 
 
 def train(
@@ -535,8 +590,12 @@ def train(
     evaluated on rank 0 every ``eval_every`` epochs (clean error); ``tensorboard``: a folder
     where rank 0 writes the training figures and those errors for TensorBoard.
 
-    Ctrl-C or SIGTERM saves the checkpoint (when there is one) and raises
-    :class:`Interrupted`, whose message says where the run stopped and how to resume it.
+    Ctrl-C or SIGTERM stops the run before its next step (a wait for data ends at once; a
+    second signal stops at once without saving): the checkpoint, when there is one, holds the
+    last completed step, so a resume neither replays nor skips a batch; then it raises
+    :class:`Interrupted`, whose message says where the run stopped and how to resume it. A
+    stream that fails is saved the same way and raises :class:`StreamFailed`. Under
+    torch.distributed every rank stops at the same step.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -564,43 +623,51 @@ def train(
     meter = _Meter(run.world_size)
     first_step = run.step
     indices = _index_file(index_log, run.rank)
+    agreement = RankAgreement(run.world_size)
     start = time.perf_counter()
+    stop = StopRequest(loader)
     try:
-        for epoch in range(run.start_epoch, epochs):
-            if run.step >= stop_at:
-                break
-            loader.set_epoch(epoch)
-            run.net.train()
-            this_epoch = len(loader)
-            reporter.start_epoch(epoch, epochs, this_epoch, this_epoch - loader.batches_left())
-            batches: Iterator[AugMixBatch] = iter(loader)
-            try:
-                while run.step < stop_at:
-                    t0 = time.perf_counter()
-                    batch = next(batches, None)
-                    if batch is None:
-                        break
-                    t1 = time.perf_counter()
-                    loss = _step(run, batch)
-                    meter.add(t1 - t0, time.perf_counter() - t0, len(batch), loss)
-                    if indices is not None:
-                        indices.write(f"{epoch} {' '.join(map(str, batch.index.tolist()))}\n")
-                    reporter.step(run.step, meter, run.scheduler.get_last_lr()[0])
-                    if checkpoint_every and run.step % checkpoint_every == 0 \
-                            and run.step < stop_at:
-                        _save(run)
-            finally:
-                batches.close()  # type: ignore[attr-defined]
-                reporter.end_epoch()
-            if eval_every and eval_set is not None and (epoch + 1) % eval_every == 0 \
-                    and run.rank == 0 and loader.batches_left() == 0:
-                _evaluate_epoch(run, eval_set, epoch, writer, show)
-        _save(run)
-    except KeyboardInterrupt as stop:
-        _save(run)
-        where = f"checkpoint {run.path} (resume with --resume)" if run.path else "no checkpoint"
-        raise Interrupted(f"interrupted at step {run.step} (epoch {loader.epoch + 1}): "
-                          f"{where}", 143 if isinstance(stop, _Terminated) else 130) from None
+        with stop.installed():
+            for epoch in range(run.start_epoch, epochs):
+                if run.step >= stop_at:
+                    break
+                loader.set_epoch(epoch)
+                run.net.train()
+                this_epoch = len(loader)
+                reporter.start_epoch(epoch, epochs, this_epoch,
+                                     this_epoch - loader.batches_left())
+                batches: Iterator[AugMixBatch] = iter(loader)
+                try:
+                    while run.step < stop_at:
+                        t0 = time.perf_counter()
+                        batch, have, failure = _next_batch(batches, stop)
+                        verdict = agreement.verdict(have)
+                        if verdict >= STOP:
+                            _stop(run, batch, failure, stop, agreement, show)
+                        if verdict == END:
+                            break
+                        assert batch is not None
+                        t1 = time.perf_counter()
+                        loss = _step(run, batch)
+                        meter.add(t1 - t0, time.perf_counter() - t0, len(batch), loss)
+                        if indices is not None:
+                            indices.write(f"{epoch} {' '.join(map(str, batch.index.tolist()))}\n")
+                        reporter.step(run.step, meter, run.scheduler.get_last_lr()[0])
+                        if checkpoint_every and run.step % checkpoint_every == 0 \
+                                and run.step < stop_at:
+                            _save(run)
+                finally:
+                    batches.close()  # type: ignore[attr-defined]
+                    reporter.end_epoch()
+                if eval_every and eval_set is not None and (epoch + 1) % eval_every == 0 \
+                        and run.rank == 0 and loader.batches_left() == 0:
+                    _evaluate_epoch(run, eval_set, epoch, writer, show)
+            _save(run)
+    except KeyboardInterrupt as again:  # a second signal: at once, without saving
+        code = 143 if isinstance(again, Terminated) else 130
+        raise Interrupted(f"interrupted again at step {run.step} (epoch {loader.epoch + 1}): "
+                          "stopped at once without saving; the last checkpoint saved stays",
+                          code) from None
     finally:
         if indices is not None:
             indices.close()
@@ -739,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also a line at least this often (piped output)")
     out.add_argument("--tensorboard", metavar="DIR", default=None,
                      help="write loss, lr, samples/s, data-wait and eval errors for TensorBoard")
+    out.add_argument("--traceback", action="store_true",
+                     help="print the traceback of a failed data stream (its cause alone by "
+                          "default)")
     out.add_argument("--index-log", metavar="DIR", default=None,
                      help="each rank appends the dataset indices it trained on to DIR/rankR.txt")
     return p
@@ -794,11 +864,18 @@ def main(argv: list[str] | None = None) -> int:
             completed = True
             return status
     except Interrupted as exc:
-        print(exc, file=sys.stderr)
+        if world()[0] == 0:  # every rank stopped at the same step: one line says so
+            print(exc, file=sys.stderr)
+        return exc.code
+    except StreamFailed as exc:
+        if world()[0] == 0:
+            if args.traceback and exc.cause is not None:
+                traceback.print_exception(exc.cause, file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt as stop:  # before training started: nothing to save
         print("interrupted before training started", file=sys.stderr)
-        return 143 if isinstance(stop, _Terminated) else 130
+        return 143 if isinstance(stop, Terminated) else 130
     except (TrainError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -841,7 +918,7 @@ def _small_image_preprocess(fmt: str, path: str) -> str | None:
 def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM (docker stop, torchrun, a batch scheduler) is handled as Ctrl-C: the checkpoint
     is saved and the local dispatcher stopped on the way out."""
-    raise _Terminated
+    raise Terminated
 
 
 def _run(args: argparse.Namespace, method: str, address: str, device: torch.device) -> int:

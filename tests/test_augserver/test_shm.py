@@ -42,7 +42,9 @@ def test_a_worker_writes_a_slot_and_the_trainer_reads_the_same_bytes(directory: 
     worker = Attachments(directory)
     pixels = np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
     for index in range(3):
-        worker.view(Slot(arena.name, arena.token, index), SHAPE)[...] = pixels + index
+        writer = worker.writer(Slot(arena.name, arena.token, index), pixels.nbytes)
+        writer.write(pixels + index)
+        writer.close()
     for index in range(3):
         np.testing.assert_array_equal(arena.view(index, SHAPE), pixels + index)
     arena.close()
@@ -61,17 +63,22 @@ def test_attach_refuses_other_names_tokens_and_slots(directory: Path) -> None:
     with pytest.raises(ShmError, match="another host"):
         attach(directory, missing, arena.token)
     worker = Attachments(directory)
+    nbytes = int(np.prod(SHAPE))
     with pytest.raises(ShmError, match="does not fit"):
-        worker.view(Slot(arena.name, arena.token, 2), SHAPE)
+        worker.writer(Slot(arena.name, arena.token, 2), nbytes)
     with pytest.raises(ShmError, match="does not fit"):
-        worker.view(Slot(arena.name, arena.token, 0), (arena.slot_bytes + 1,))
+        worker.writer(Slot(arena.name, arena.token, 0), arena.slot_bytes + 1)
+    writer = worker.writer(Slot(arena.name, arena.token, 0), nbytes)
+    with pytest.raises(ShmError, match="bytes of views"):
+        writer.write(np.zeros(nbytes - 1, np.uint8))
+    writer.close()
     # a worker that could not see an arena remembers why, and says it again
     with pytest.raises(ShmError, match="another host"):
-        worker.view(Slot(missing, arena.token, 0), SHAPE)
+        worker.writer(Slot(missing, arena.token, 0), nbytes)
     assert "another host" in worker.unusable[missing]
     off = Attachments(None)
     with pytest.raises(ShmError, match="off"):
-        off.view(Slot(arena.name, arena.token, 0), SHAPE)
+        off.writer(Slot(arena.name, arena.token, 0), nbytes)
     arena.close()
 
 
@@ -103,7 +110,7 @@ def test_sweep_removes_the_arena_of_a_killed_owner_and_keeps_live_ones(
         assert owner.stdout is not None
         name = owner.stdout.readline().strip()
         worker = Attachments(directory)
-        worker.view(Slot(name, _token(directory / name), 0), (16,))
+        worker.writer(Slot(name, _token(directory / name), 0), 16).close()
         assert sweep(directory) == []  # both owners live
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=10)
@@ -131,3 +138,57 @@ def test_the_directory_comes_from_the_argument_the_environment_or_dev_shm(monkey
 def _token(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(24)[8:]
+
+
+_HOSTILE_WRITER = """
+import os, sys, threading, time
+from pathlib import Path
+import numpy as np
+from augserver.shm import Attachments, Slot
+directory, name, case = Path(sys.argv[1]), sys.argv[2], sys.argv[4]
+token = bytes.fromhex(sys.argv[3])
+worker = Attachments(directory)
+views = np.full(3 * 4096 * 16, 7, np.uint8)
+writer = worker.writer(Slot(name, token, 1), views.nbytes)
+if case == "shrink":
+    os.truncate(directory / name, 0)  # what a hostile owner does after the worker attached
+    writer.write(views)
+elif case == "replace":
+    os.unlink(directory / name)
+    (directory / name).write_bytes(b"")
+    writer.write(views)
+    worker.prune()
+elif case == "close":
+    # the arena retired and pruned while another thread writes into the slot, many times
+    done = threading.Event()
+    def write():
+        for _ in range(200):
+            writer.write(views)
+        done.set()
+    thread = threading.Thread(target=write)
+    thread.start()
+    os.unlink(directory / name)
+    while not done.is_set():
+        worker.prune()
+        worker.close()
+    thread.join()
+writer.close()
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["shrink", "replace", "close"])
+def test_nothing_an_owner_does_to_its_arena_can_fault_a_worker(directory: Path, case: str
+                                                               ) -> None:
+    """A worker mapping the arena died of SIGBUS when the owner shrank the file, and of
+    SIGSEGV when the mapping was closed while a thread wrote through it; a worker writes
+    with pwrite through a descriptor of its own, so it lives on in every case."""
+    arena = Arena.create(directory, 2, 3 * 4096 * 16)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _HOSTILE_WRITER, str(directory), arena.name,
+             arena.token.hex(), case], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+        assert done.stdout.strip() == "alive"
+    finally:
+        arena.close()

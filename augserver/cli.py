@@ -133,11 +133,18 @@ def _metrics_server(dispatcher: Dispatcher, bind: str | None) -> MetricsServer |
     """The started Prometheus endpoint of ``dispatcher`` at ``bind`` (HOST:PORT), or None."""
     if bind is None:
         return None
+    from augserver.addresses import is_local
     from augserver.metrics import MetricsServer
 
     server = MetricsServer(bind, dispatcher.start_snapshots()).start()
-    host, port = server.address
-    logging.getLogger("augserver.metrics").info("metrics on http://%s:%d/metrics", host, port)
+    host, port = server.address[:2]
+    metrics_log = logging.getLogger("augserver.metrics")
+    metrics_log.info("metrics on http://%s:%d/metrics", host, port)
+    if not is_local(f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"):
+        metrics_log.warning(
+            "SECURITY: the metrics at http://%s:%d/metrics are readable by any host that "
+            "reaches the port, without authentication (dataset paths, worker and client "
+            "names); bind 127.0.0.1 unless a scraper on another host needs them", host, port)
     return server
 
 

@@ -112,6 +112,7 @@ class Dispatcher:
         sock.setsockopt(zmq.SNDHWM, 0)  # what goes out is bounded by the outboxes instead
         sock.setsockopt(zmq.RCVHWM, INBOUND_MESSAGES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:P, tcp://[::]:P; IPv4 binds as before
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_inbound_bytes())
         self.auth: ThreadAuthenticator | None = None
         try:

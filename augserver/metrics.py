@@ -8,6 +8,7 @@ scrape never touches live state.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -98,8 +99,9 @@ class MetricsServer:
     def __init__(self, bind: str, snapshot: Callable[[], DispatcherStats | None]) -> None:
         host, port = parse_host_port(bind)
         handler = type("Handler", (_Handler,), {"snapshot": staticmethod(snapshot)})
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
         try:
-            self.server = ThreadingHTTPServer((host, port), handler)
+            self.server = server_class((host, port), handler)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {bind}: {exc.strerror or exc}") from None
         self.server.daemon_threads = True
@@ -116,6 +118,10 @@ class MetricsServer:
         if self.thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):

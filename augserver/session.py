@@ -136,6 +136,7 @@ def dealer(
     sock = context.socket(zmq.DEALER, socket_class=DealerSocket)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:P and IPv6 host names; IPv4 works as before
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if reconnect_ms is not None:

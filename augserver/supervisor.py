@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,9 @@ HEALTHY_AFTER = 10.0
 """A worker that ran this many seconds died of something other than its start-up."""
 LAST_WORDS = 40
 """Lines of a worker's error output kept to say why it died."""
+_CRASH = re.compile(r"Fatal Python error: (Segmentation fault|Bus error|Aborted|"
+                    r"Floating.point exception|Illegal instruction)")
+"""The first line of faulthandler's report of a fatal signal."""
 LAST_WORDS_SECONDS = 10.0
 """Only what a worker printed this many seconds before it exited is quoted as the reason."""
 
@@ -193,8 +197,7 @@ def last_words(lines: Sequence[tuple[float, str]], died: float,
     recent = [text for at, text in lines if at >= died - window]
     if not recent:
         return f"it printed nothing in its last {window:g} s"
-    crash = next((i for i, text in enumerate(recent) if text.startswith("Fatal Python error")),
-                 None)
+    crash = next((i for i, text in enumerate(recent) if _CRASH.match(text)), None)
     if crash is None:
         return f"its last line: {recent[-1]}"
     report = recent[crash + 1:]

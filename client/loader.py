@@ -77,6 +77,14 @@ class AugMixBatch:
         views = [v for v in (self.orig, self.aug1, self.aug2) if v is not None]
         return torch.cat(views) if len(views) > 1 else views[0]
 
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, targets)`` in timm's layout: :meth:`concat`'s ``V * B`` images and the
+        labels repeated to match, image ``i + j * B`` having label ``i`` (what timm's
+        ``fast_collate`` makes of ``AugMixDataset(num_splits=V)`` samples)."""
+        images = self.concat()
+        views = len(images) // len(self.target) if len(self.target) else 1
+        return images, self.target.repeat(views)
+
     def __len__(self) -> int:
         return len(self.target)
 
@@ -312,10 +320,11 @@ class RemoteAugMixLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """The batches of the current epoch not consumed yet: :class:`AugMixBatch` objects, or
-        with ``as_tuples`` ``(images, target)`` where ``images`` is :meth:`AugMixBatch.concat`
-        (the ``3B`` batch clean, aug1, aug2, as timm's ``AugMixDataset`` with ``num_splits=3``
-        gives it). After a completed epoch (also one resumed at its very end) the next
-        iteration is the next epoch, as plain ``for epoch in ...: for batch in loader`` loops
+        with ``as_tuples`` ``(images, targets)`` in timm's layout (:meth:`AugMixBatch.as_tuple`:
+        the ``3B`` batch clean, aug1, aug2 and the labels repeated to ``3B``, as timm's
+        ``fast_collate`` makes them of ``AugMixDataset(num_splits=3)`` samples). After a
+        completed epoch (also one resumed at its very end) the next iteration is the next epoch,
+        as plain ``for epoch in ...: for batch in loader`` loops
         and Lightning expect, unless :meth:`set_epoch` chose an epoch since; an epoch chosen
         that way and already consumed yields nothing."""
         chosen, self._chosen = self._chosen, False
@@ -331,7 +340,7 @@ class RemoteAugMixLoader:
         stream = _Stream(self, plan.num_batches)
         try:
             for batch in self._batches(stream, plan.num_batches - len(self._consumed)):
-                yield (batch.concat(), batch.target) if self.as_tuples else batch
+                yield batch.as_tuple() if self.as_tuples else batch
         finally:
             stream.stop()
 

@@ -106,5 +106,10 @@ def jsd_loss_from_concat(
     logits_all: torch.Tensor, targets: torch.Tensor, lam: float = 12.0, smoothing: float = 0.0
 ) -> torch.Tensor:
     """``jsd_loss`` on the logits of the concatenated ``3B`` batch (clean, aug1, aug2), the
-    layout of ``loader(as_tuples=True)`` and of timm's ``JsdCrossEntropy(num_splits=3)``."""
-    return jsd_loss(*split_views(logits_all, 3), targets, lam=lam, smoothing=smoothing)
+    layout of ``loader(as_tuples=True)`` and of timm's ``JsdCrossEntropy(num_splits=3)``.
+    ``targets``: the ``B`` labels, or the ``3B`` of timm's layout (as timm's loss does, the
+    first ``B``, the clean view's, are used)."""
+    views = split_views(logits_all, 3)
+    if len(targets) == len(logits_all) and len(views[0]) != len(logits_all):
+        targets = targets[: len(views[0])]
+    return jsd_loss(*views, targets, lam=lam, smoothing=smoothing)

@@ -59,7 +59,7 @@ class AugMixModule(lightning.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         if self.index_log is not None:
             with open(Path(self.index_log) / f"rank{self.global_rank}.txt", "a") as f:
-                f.write(f"{self.current_epoch} {len(target)}\n")
+                f.write(f"{self.current_epoch} {len(target) // 3}\n")
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

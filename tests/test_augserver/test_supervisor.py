@@ -71,3 +71,21 @@ def test_a_worker_that_keeps_dying_at_start_is_reported_with_its_reason(tmp_path
         end_process(serve)
     text = log.read_text()
     assert "times in a row at start" in text and "broke it on purpose" in text
+
+
+def test_the_reason_quoted_is_recent_and_names_a_crash() -> None:
+    """An old line is never quoted as why a worker died; a crash report (faulthandler's)
+    is quoted with the crashing thread's innermost frame."""
+    from augserver.supervisor import last_words
+
+    old = [(0.0, "INFO worker joined")]
+    assert last_words(old, died=500.0) == "it printed nothing in its last 10 s"
+    crash = [*old, (499.0, "Fatal Python error: Segmentation fault"),
+             (499.0, 'Thread 0x1 (most recent call first):'),
+             (499.0, 'File "/x/other.py", line 3 in wait'),
+             (499.0, "Current thread 0x2 (most recent call first):"),
+             (499.0, 'File "/x/worker.py", line 9 in _fill_sample')]
+    reason = last_words(crash, died=500.0)
+    assert reason.startswith("Fatal Python error: Segmentation fault")
+    assert "worker.py" in reason and "other.py" not in reason
+    assert last_words([*old, (499.5, "ValueError: bad")], 500.0) == "its last line: ValueError: bad"

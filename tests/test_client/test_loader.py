@@ -557,7 +557,14 @@ def test_as_tuples_yields_the_3b_batch_and_targets_without_a_copy(tmp_path: Path
     for (x, y), batch in zip(tuples, batches, strict=True):
         assert x.shape == (12, 3, 32, 32)
         torch.testing.assert_close(x, torch.cat([batch.orig, batch.aug1, batch.aug2]))
-        torch.testing.assert_close(y, batch.target)
+        # timm's fast_collate: targets[i + j * B] = label of sample i, for each view j
+        timm = torch.zeros(12, dtype=torch.int64)
+        for i in range(4):
+            for j in range(3):
+                timm[i + j * 4] = batch.target[i]
+        torch.testing.assert_close(y, timm)
+        # timm's JsdCrossEntropy(num_splits=3) takes target[:B] for the clean view's loss
+        torch.testing.assert_close(y[: len(y) // 3], batch.target)
         assert batch.concat().data_ptr() == batch.orig.data_ptr()  # a view: no copy
         assert torch.equal(batch.concat()[4:8], batch.aug1)
 
@@ -573,3 +580,13 @@ def test_the_loader_knows_the_classes_without_opening_the_dataset(tmp_path: Path
     with dispatcher_thread(job(tmp_path / "npz", make_npz(tmp_path / "npz", 20))) as d:
         loader = RemoteAugMixLoader(d.address, timeout=10)
         assert loader.num_classes == 10 and loader.classes == [str(i) for i in range(10)]
+
+
+def test_an_ipv6_loopback_dispatcher_serves_workers_and_trainers(tmp_path: Path) -> None:
+    """``tcp://[::1]:0`` binds, and workers and the loader connect to it (zmq.IPV6 on every
+    socket): it used to pass the address check and then fail with "No such device"."""
+    config = job(tmp_path, make_npz(tmp_path, 16), bind="tcp://[::1]:0")
+    with dispatcher_thread(config) as d, worker_threads(d.address, 1):
+        assert d.address.startswith("tcp://[::1]:")
+        batches = collect(RemoteAugMixLoader(d.address, ordered=True, timeout=60))
+    assert sorted(indices(batches)) == list(range(16))

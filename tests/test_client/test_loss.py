@@ -122,6 +122,9 @@ def test_gradients_reach_model_through_concatenated_batch():
     assert torch.equal(l2, model(x_aug2))
     loss = jsd_loss(lc, l1, l2, y)
     assert loss.item() == pytest.approx(jsd_loss_from_concat(logits_all, y).item(), abs=0)
+    # timm's layout of the targets (repeated to 3B) gives the same loss
+    assert loss.item() == pytest.approx(jsd_loss_from_concat(logits_all, y.repeat(3)).item(),
+                                        abs=0)
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -75,6 +76,13 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _enable_faulthandler() -> None:
+    """A crash (SIGSEGV, SIGBUS...) prints every thread's Python stack on stderr, where a
+    supervisor finds it; nothing when stderr is no real file (an embedding host)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        faulthandler.enable()
+
+
 def _stop_on_signals() -> threading.Event:
     """An event set by SIGINT or SIGTERM (the clean way out of every long-running command)."""
     stop = threading.Event()
@@ -92,7 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
     from augserver.supervisor import Supervisor
 
     _setup_logging(args.log_level)
-    faulthandler.enable()
+    _enable_faulthandler()
     try:
         config = load_config(args.config, {"bind": args.bind, "workers": args.workers,
                                            "metrics.bind": args.metrics,
@@ -274,7 +282,7 @@ def _worker(args: argparse.Namespace) -> int:
     from augserver.worker import EXIT_FATAL, run_worker
 
     _setup_logging(args.log_level)
-    faulthandler.enable()  # a crash prints every thread's Python stack on stderr
+    _enable_faulthandler()
     keys = _client_keys(args, "worker")
     stop = _stop_on_signals()
     if args.procs == 1:

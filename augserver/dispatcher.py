@@ -34,6 +34,7 @@ from augserver.addresses import is_local
 from augserver.config import JobConfig
 from augserver.datasets import Dataset, fingerprint_mismatch, open_dataset
 from augserver.dispatcher_state import (
+    CLIENT_TIMEOUT,
     DUPLICATE,
     FAILED,
     LATE,
@@ -51,6 +52,8 @@ log = logging.getLogger("augserver.dispatcher")
 _BURST = 256  # messages handled between housekeeping checks
 PROBE_SECONDS = 2.0
 """Seconds between two probes of a gone peer that still holds unread data."""
+ZMTP_HEARTBEAT_SECONDS = 5.0
+"""How often ZeroMQ pings each connection (the peer's ZeroMQ answers by itself)."""
 INBOUND_MESSAGES = 16
 """Messages ZeroMQ queues from one peer before it stops reading that peer's connection (the
 peer then waits: nothing is lost). A worker sends at most its slots' results and a heartbeat
@@ -112,7 +115,12 @@ class Dispatcher:
         sock.setsockopt(zmq.SNDHWM, 0)  # what goes out is bounded by the outboxes instead
         sock.setsockopt(zmq.RCVHWM, INBOUND_MESSAGES)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:P, tcp://[::]:P; IPv4 binds as before
+        if "[" in address:  # tcp://[::1]:P, tcp://[::]:P (IPv4 binds keep their plain form)
+            sock.setsockopt(zmq.IPV6, 1)
+        # ZMTP heartbeats: a connection whose peer process cannot answer (stopped, frozen,
+        # cut off) is closed, and what ZeroMQ queued for it is freed with it
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(ZMTP_HEARTBEAT_SECONDS * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(CLIENT_TIMEOUT * 1000))
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_inbound_bytes())
         self.auth: ThreadAuthenticator | None = None
         try:
@@ -253,6 +261,9 @@ class Dispatcher:
                 level = logging.WARNING if peer.streams else logging.INFO
                 log.log(level, "client %s silent for %.0f s; forgetting it and its %d streams",
                         peer.name, silence, len(peer.streams))
+                # what it held no longer counts: a live one has it in its own process, and
+                # ZeroMQ closes the connection of a stopped one (ZMTP heartbeats, below)
+                self.state.outboxes.release(peer.ident)
             self.state.forget(peer.ident)
         if now >= self.next_probe:
             self.next_probe = now + PROBE_SECONDS

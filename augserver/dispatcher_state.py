@@ -15,10 +15,12 @@ credits, and delivering the batch spends the credit. Credits never exceed
 client's word; what it has really read is known from its receipts (:mod:`augserver.outbox`).
 So a task is also assigned only while what its client holds (its tasks in flight and the data
 sent to it and not yet shown read) stays within ``limits.max_prefetch_bytes``, and what all
-peers hold together within ``limits.max_held_bytes`` (a peer holding nothing may always take
-one batch, so the smallest job moves). The lowest pending position is always assigned first,
-streams take turns, and a worker gets at most the slots it announced with ``ready`` (each
-result gives its slot back).
+peers hold together within ``limits.max_held_bytes``: half of that is reserved, split among
+the clients with open streams (at least one batch each, so the smallest job moves), and only
+the other half is first come, so peers that take batches and never read cannot starve a
+client that reads (:meth:`~DispatcherState.reserve`). The lowest pending position is always
+assigned first, streams take turns, and a worker gets at most the slots it announced with
+``ready`` (each result gives its slot back).
 
 Failures. A worker silent for ``limits.heartbeat_timeout`` seconds and a client silent for
 :data:`CLIENT_TIMEOUT` seconds are :meth:`~DispatcherState.expired`; forgetting a worker
@@ -531,14 +533,31 @@ class DispatcherState:
                   if self.tasks[t].slot is None) if peer else 0
         return self.outboxes.unread_data(client) + self.batch_bytes * out
 
+    def reserve(self) -> int:
+        """Each client's reserved share of ``limits.max_held_bytes``: half of it split among
+        the clients with open streams (at least one batch). Within its share a client always
+        gets batches, whatever the others hold; the other half is shared, first come."""
+        clients = {s.client for s in self.streams.values()}
+        return max(self.batch_bytes, self.limits.max_held_bytes // (2 * max(1, len(clients))))
+
     def _room(self, client: bytes) -> bool:
-        """Whether one more batch for ``client`` stays within the byte budgets."""
+        """Whether one more batch for ``client`` stays within the byte budgets: its own
+        (``limits.max_prefetch_bytes``), and its reserved share (:meth:`reserve`) or else
+        room in the shared part of ``limits.max_held_bytes``. Peers that hold batches and do
+        not read can fill the shared part, never a reading client's share."""
         more = self.batch_bytes
         held = self.client_bytes(client)
         if held and held + more > self.limits.max_prefetch_bytes:
             return False
-        total = self.held_bytes()
-        return not total or total + more <= self.limits.max_held_bytes
+        reserve = self.reserve()
+        if held + more <= reserve:
+            return True
+        clients = {s.client for s in self.streams.values()} | {client}
+        mine = {c: self.client_bytes(c) for c in clients}
+        orphaned = max(0, self.held_bytes() - sum(mine.values()))  # peers gone, or unknown
+        beyond = orphaned + sum(max(0, h - reserve) for h in mine.values())
+        shared = max(0, self.limits.max_held_bytes - reserve * len(clients))
+        return beyond + held + more - max(held, reserve) <= shared
 
     def _assign(self, worker: Peer, stream: Stream, now: float) -> Task:
         position = heapq.heappop(stream.pending)

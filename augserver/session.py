@@ -136,7 +136,8 @@ def dealer(
     sock = context.socket(zmq.DEALER, socket_class=DealerSocket)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:P and IPv6 host names; IPv4 works as before
+    if "[" in address:  # tcp://[::1]:P (IPv4 addresses keep their plain form)
+        sock.setsockopt(zmq.IPV6, 1)
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if reconnect_ms is not None:

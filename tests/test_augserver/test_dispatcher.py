@@ -489,7 +489,8 @@ def test_what_a_client_left_unread_is_freed_once_its_connection_is_gone(
             c.open("t", credits=2)
             got = c.collect({"t"}, timeout=20)
         assert sorted(b.position for b in got["t"]) == list(range(12))
-        assert request_status(d.address).memory.held_bytes == 0
+        wait_for(lambda: request_status(d.address).memory.held_bytes == 0, 10,
+                 "what the closed clients held to be freed")
 
 
 def test_silent_client_is_forgotten(tmp_path: Path, monkeypatch: Any) -> None:

@@ -542,3 +542,29 @@ def test_a_shared_memory_stream_is_capped_by_its_slots_not_the_dispatchers_budge
     tcp = state.open(client, open_fields("t", credits=6), 0.0).stream
     assert tcp.cap == 1
     check_invariants(state)
+
+
+def test_peers_that_never_read_cannot_starve_a_client_that_reads() -> None:
+    """Two peers take batches with huge credits and never read (no receipts); they fill the
+    shared part of max_held_bytes, and a third client that reads still gets batches, its
+    reserved share every time it reads."""
+    probe = DispatcherState(config(), N, 10)
+    limits = {"max_held_bytes": 8 * probe.batch_bytes, "max_prefetch_bytes": 1 << 30,
+              "worker_slots": 2, "heartbeat_interval": 1.0}
+    state, (w,), _, _ = setup(credits=1000, limits=limits)
+    hog = state.join(b"h", "client", "h", 0.0)
+    state.open(hog, open_fields("h", credits=1000), 0.0)
+    relay_all(state, w)
+    assert state.held_bytes() >= limits["max_held_bytes"] // 2  # the hogs hold their fill
+    reader = state.join(b"r", "client", "r", 0.0)
+    state.open(reader, open_fields("r", credits=4), 0.0)
+    received = 0
+    for _ in range(3):
+        mine = [o for o in relay_all(state, w) if o.task.stream.client == b"r"]
+        assert mine, "the reading client got nothing"
+        received += len(mine)
+        state.outboxes.seen(b"r", mine[-1].receipt)  # it reads what it got
+        state.credit(reader, "r", len(mine), 1.0)
+    assert received >= 3
+    assert state.held_bytes() <= limits["max_held_bytes"] + probe.batch_bytes
+    check_invariants(state)

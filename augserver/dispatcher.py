@@ -102,7 +102,8 @@ class Dispatcher:
         self.sock = self._bind(config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.handlers: dict[str, dict[str, Callable[[Peer, protocol.Message], None]]] = {
-            "worker": {"ready": self._ready, "result": self._result, "heartbeat": self._beat},
+            "worker": {"ready": self._ready, "result": self._result, "heartbeat": self._beat,
+                       "leave": self._leave},
             "client": {
                 "open": self._open, "credit": self._credit, "close": self._close,
                 "ping": self._ping,
@@ -359,6 +360,12 @@ class Dispatcher:
             self._refuse(worker.ident, mismatch)
             return
         self.state.ready(worker, message["slots"])
+
+    def _leave(self, worker: Peer, message: protocol.Message) -> None:
+        """A worker that cannot serve this job says why before it exits: kept, so that a
+        stream no worker can serve fails with that reason, not "no worker has joined"."""
+        log.error("worker %s cannot serve this job: %s", worker.name, message["reason"])
+        self.state.refused(worker, message["reason"][:1000])
 
     def _beat(self, worker: Peer, message: protocol.Message) -> None:
         self._reply(worker.ident, "heartbeat")

@@ -18,6 +18,7 @@ worker                                   dispatcher
   result{task, failed, slot}      ->          (arrays: views uint8 (V,n,H,W,3), labels, indices;
     + arrays                                  a result gives back the worker slot its task used)
   heartbeat{}  every interval     ->       <- heartbeat{} | reset{reason} (unknown worker)
+  leave{reason}                   ->          (it cannot serve the job: no credentials, ...)
 
 client                                   dispatcher
   hello{role=client, versions}    ->     <- welcome{config, dataset_len, classes} | refused{reason}
@@ -61,11 +62,12 @@ import numpy as np
 from augserver.errors import ProtocolError
 from augserver.shm import MAX_SLOTS, NAME, SLOT_ALIGN, TOKEN_BYTES
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """2: ``welcome`` names the dataset's classes; ``welcome`` and ``ready`` carry the dataset's
 fingerprint (:meth:`augserver.datasets.Dataset.fingerprint`). 3: every message may carry a
 receipt ``r`` (see :data:`MAX_RECEIPT`). 4: the shared-memory fields ``open.shm``,
-``task.slot``, ``result.slot``, ``batch.slot`` and ``credit.free``."""
+``task.slot``, ``result.slot``, ``batch.slot`` and ``credit.free``. 5: a worker's ``leave``
+(why it cannot serve the job); workers write slots with ``pwrite``."""
 MAX_RECEIPT = (1 << 63) - 1
 """Receipts are integers in ``0..MAX_RECEIPT``, 0 meaning none. The dispatcher stamps each
 message it sends with a fresh random receipt; a peer returns, on what it sends, the receipt of
@@ -194,6 +196,7 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "result": {"task": _non_negative_int, "failed": _failures,
                "slot": lambda value: value in SLOT_STATES},
     "heartbeat": {},
+    "leave": {"reason": _STR},
     "open": {
         "stream": _STR,
         "epoch": _non_negative_int,

@@ -361,6 +361,7 @@ class Worker:
         self.next_sweep = 0.0
         self.too_slow: dict[int, str] = {}  # samples past limits.sample_seconds: not tried again
         self.abandoned: threading.Thread | None = None  # still making a too slow sample
+        self.leaving = False  # said leave: the socket lingers so that it goes out
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -384,7 +385,7 @@ class Worker:
             return EXIT_STUCK
         finally:
             if self.sock is not None:
-                self.sock.close(linger=0)
+                self.sock.close(linger=1000 if self.leaving else 0)  # leave goes out first
             with self._signal_lock:
                 self._made_signal.close(linger=0)
             self.made.close(linger=0)
@@ -431,9 +432,9 @@ class Worker:
                 d = config.dataset
                 dataset = open_dataset(d.format, d.path, d.train, d.s3)
             except (ConfigError, DatasetError, OSError, ValueError) as exc:
-                raise Fatal(f"cannot use the job: {exc}") from None
+                raise self._leave(f"cannot use the job: {exc}") from None
             if len(dataset) != message["dataset_len"]:
-                raise Fatal(
+                raise self._leave(
                     f"dataset {config.dataset.path} has {len(dataset)} samples here but "
                     f"{message['dataset_len']} at the dispatcher"
                 )
@@ -448,6 +449,13 @@ class Worker:
         log.info("worker %s: welcomed by %s", self.name, self.connect)
         self.last_heard = self.last_beat = time.monotonic()
         self._ready_when_loaded()
+
+    def _leave(self, reason: str) -> Fatal:
+        """Tell the dispatcher why this worker cannot serve its job (the trainers then hear
+        it); the :class:`Fatal` to raise."""
+        self._send("leave", reason=f"{self.name}: {reason}")
+        self.leaving = True
+        return Fatal(reason)
 
     def _ready_when_loaded(self) -> None:
         """Ask for tasks (``ready``) once the kernels are loaded: until then the dispatcher

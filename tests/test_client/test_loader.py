@@ -590,3 +590,17 @@ def test_an_ipv6_loopback_dispatcher_serves_workers_and_trainers(tmp_path: Path)
         assert d.address.startswith("tcp://[::1]:")
         batches = collect(RemoteAugMixLoader(d.address, ordered=True, timeout=60))
     assert sorted(indices(batches)) == list(range(16))
+
+
+def test_a_worker_that_cannot_open_the_dataset_tells_the_trainer_why(tmp_path: Path) -> None:
+    """The worker exits for good with its reason; the dispatcher keeps that reason, and the
+    trainer's error names it instead of "no worker has joined"."""
+    from augserver.worker import EXIT_FATAL, run_worker
+
+    data = make_npz(tmp_path, 16)
+    config = job(tmp_path, data, limits={"no_worker_seconds": 3.0})
+    with dispatcher_thread(config) as d:
+        data.unlink()  # the dispatcher has read it; the worker will not find it
+        assert run_worker(d.address, name="w-nodata") == EXIT_FATAL
+        with pytest.raises(RemoteError, match="w-nodata: cannot use the job"):
+            collect(RemoteAugMixLoader(d.address, timeout=30))

@@ -16,6 +16,7 @@ import _codecs
 import errno
 import hashlib
 import io
+import logging
 import operator
 import os
 import pickle
@@ -467,6 +468,11 @@ class WebDataset(_EncodedImages):
         self.root = path
         self.store = open_store(path, s3)
         self.index, self.urls = load_index(self.store, path)
+        if self.index.crc is None:
+            logging.getLogger("augserver.datasets").warning(
+                "%s is a version 1 shard index: image bytes are not checked against it (a shard "
+                "rewritten with its length kept would go unnoticed); index the shards again "
+                "with augserver shard", path)
         self.classes = self.index.classes
         self.num_classes = len(self.classes)
         self._labels = self.index.labels
@@ -492,6 +498,7 @@ class WebDataset(_EncodedImages):
         if len(data) != size:
             raise DatasetError(self.path(i), i, f"read {len(data)} of {size} bytes: the shard "
                                                 "is truncated")
+        ix.check_content(i, data, self.path(i))
         return data
 
     def prefetch(self, indices: Sequence[int]) -> None:

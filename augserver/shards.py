@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ from augserver.storage import LocalStore, StorageError, Store, is_remote, join
 
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "augserver-shards"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+"""2: a CRC-32 of every image (``crc``), checked on every read. 1: no content check."""
+INDEX_VERSIONS = (1, 2)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -85,27 +88,41 @@ class ShardIndex:
     labels: np.ndarray  # int64
     keys: list[str]
     exts: list[str]
+    crc: np.ndarray | None = None  # int64: the CRC-32 of each image's bytes (None: version 1)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to_json(self) -> bytes:
+        samples = {"shard": self.shard.tolist(), "offset": self.offset.tolist(),
+                   "size": self.size.tolist(), "label": self.labels.tolist(),
+                   "key": self.keys, "ext": self.exts}
+        if self.crc is not None:
+            samples["crc"] = self.crc.tolist()
         return json.dumps({
-            "format": INDEX_FORMAT, "version": INDEX_VERSION, "classes": self.classes,
+            "format": INDEX_FORMAT, "version": INDEX_VERSION if self.crc is not None else 1,
+            "classes": self.classes,
             "shards": [{"name": s.name, "size": s.size, "samples": s.samples}
                        for s in self.shards],
-            "samples": {"shard": self.shard.tolist(), "offset": self.offset.tolist(),
-                        "size": self.size.tolist(), "label": self.labels.tolist(),
-                        "key": self.keys, "ext": self.exts},
+            "samples": samples,
         }, separators=(",", ":")).encode()
+
+    def check_content(self, i: int, data: bytes, where: str) -> None:
+        """Raise :class:`DatasetError` naming ``where`` (the shard and the key) when
+        ``data`` is not the bytes sample ``i`` had when the shards were indexed."""
+        if self.crc is not None and zlib.crc32(data) != int(self.crc[i]):
+            raise DatasetError(where, i, "its bytes differ from the shard index (CRC-32): the "
+                                         "shard was rewritten after it was indexed; index it "
+                                         "again (augserver shard) or restore it")
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> ShardIndex:
         """The index in ``data``; :class:`DatasetError` naming ``where`` when it is not one."""
         try:
             raw = json.loads(data)
-            if raw.get("format") != INDEX_FORMAT or raw.get("version") != INDEX_VERSION:
-                raise ValueError(f"not an {INDEX_FORMAT} index of version {INDEX_VERSION}")
+            if raw.get("format") != INDEX_FORMAT or raw.get("version") not in INDEX_VERSIONS:
+                raise ValueError(f"not an {INDEX_FORMAT} index of version "
+                                 f"{' or '.join(map(str, INDEX_VERSIONS))}")
             samples = raw["samples"]
             index = cls(
                 classes=[str(c) for c in raw["classes"]],
@@ -115,7 +132,8 @@ class ShardIndex:
                 offset=np.asarray(samples["offset"], np.int64),
                 size=np.asarray(samples["size"], np.int64),
                 labels=np.asarray(samples["label"], np.int64),
-                keys=[str(k) for k in samples["key"]], exts=[str(e) for e in samples["ext"]])
+                keys=[str(k) for k in samples["key"]], exts=[str(e) for e in samples["ext"]],
+                crc=(np.asarray(samples["crc"], np.int64) if raw["version"] >= 2 else None))
             index.check()
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DatasetError(where, None, f"not a valid shard index: {exc}") from None
@@ -125,7 +143,7 @@ class ShardIndex:
         """Raise ValueError unless the columns agree with each other and with the shards."""
         n = len(self.labels)
         if not (len(self.shard) == len(self.offset) == len(self.size) == len(self.keys)
-                == len(self.exts) == n):
+                == len(self.exts) == n) or (self.crc is not None and len(self.crc) != n):
             raise ValueError("the sample columns differ in length")
         if n == 0:
             raise ValueError("no samples")
@@ -182,8 +200,9 @@ def _label(data: bytes, ext: str) -> int:
     return label
 
 
-def index_shard(data: bytes, name: str) -> list[tuple[str, str, int, int, int]]:
-    """The samples of one shard's bytes, in member order: ``(key, ext, offset, size, label)``.
+def index_shard(data: bytes, name: str) -> list[tuple[str, str, int, int, int, int]]:
+    """The samples of one shard's bytes, in member order: ``(key, ext, offset, size, label,
+    crc)``, ``crc`` the CRC-32 of the image's bytes.
     A key without an image or without a label is a :class:`DatasetError` naming both."""
     images: dict[str, _Member] = {}
     labels: dict[str, int] = {}
@@ -210,12 +229,14 @@ def index_shard(data: bytes, name: str) -> list[tuple[str, str, int, int, int]]:
         if key not in labels:
             raise DatasetError(f"{name}:{key}", None, "no label (.cls or .json) for this key")
         m = images[key]
-        samples.append((key, m.ext, m.offset, m.size, labels[key]))
+        image = data[m.offset: m.offset + m.size]
+        samples.append((key, m.ext, m.offset, m.size, labels[key], zlib.crc32(image)))
     return samples
 
 
-Row = tuple[int, str, str, int, int, int]
-"""One sample of an index being built: ``(shard number, key, ext, offset, size, label)``."""
+Row = tuple[int, str, str, int, int, int, int]
+"""One sample of an index being built: ``(shard number, key, ext, offset, size, label,
+crc)``."""
 
 
 def _from_rows(classes: list[str], shards: list[Shard], rows: list[Row]) -> ShardIndex:
@@ -225,7 +246,8 @@ def _from_rows(classes: list[str], shards: list[Shard], rows: list[Row]) -> Shar
         offset=np.array([r[3] for r in rows], np.int64),
         size=np.array([r[4] for r in rows], np.int64),
         labels=np.array([r[5] for r in rows], np.int64),
-        keys=[r[1] for r in rows], exts=[r[2] for r in rows])
+        keys=[r[1] for r in rows], exts=[r[2] for r in rows],
+        crc=np.array([r[6] for r in rows], np.int64))
     index.check()
     return index
 
@@ -296,7 +318,7 @@ def load_index(store: Store, path: str) -> tuple[ShardIndex, list[str]]:
 def _cached_index(store: Store, urls: list[str], sizes: list[int]) -> ShardIndex:
     """The index of the shards at ``urls``, from the local cache when one was built for
     these names and sizes, else built now and cached."""
-    key = hashlib.sha256(json.dumps([urls, sizes]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([urls, sizes, INDEX_VERSION]).encode()).hexdigest()[:24]
     cached = index_cache_dir() / f"{key}.json"
     if cached.is_file():
         return ShardIndex.from_json(cached.read_bytes(), str(cached))
@@ -342,7 +364,7 @@ class ShardWriter:
         _tar_member(self._tar, f"{key}.{ext}", image)
         _tar_member(self._tar, f"{key}.cls", str(label).encode())
         self.rows.append((len(self.shards), key, ext, header + tarfile.BLOCKSIZE, len(image),
-                          label))  # a USTAR header is one block: the data follows it
+                          label, zlib.crc32(image)))  # a USTAR header is one block: the data
         self._count += 1
         if self._buffer.tell() >= self.shard_bytes:
             self._flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,10 @@ def test_a_shard_is_indexed_by_key_with_cls_or_json_labels() -> None:
                       "b.json": json.dumps({"label": 1, "w": 5}).encode(), "b.txt": b"hi",
                       "notes.txt": b"not a sample"})
     samples = index_shard(data, "s.tar")
-    assert [(k, e, lab) for k, e, _, _, lab in samples] == [("x/a", "jpg", 3), ("b", "png", 1)]
-    _, _, offset, size, _ = samples[1]
-    assert data[offset:offset + size] == png(1)
+    assert [(k, e, lab) for k, e, _, _, lab, _ in samples] == [("x/a", "jpg", 3),
+                                                                ("b", "png", 1)]
+    _, _, offset, size, _, crc = samples[1]
+    assert data[offset:offset + size] == png(1) and crc == zlib.crc32(png(1))
 
 
 @pytest.mark.parametrize(("members", "problem"), [
@@ -165,3 +167,59 @@ def test_missing_truncated_and_corrupt_shards_are_named(tmp_path: Path) -> None:
     assert dataset.load(0).shape == (32, 32, 3)
     with pytest.raises(DatasetError, match="not a valid shard index"):
         ShardIndex.from_json(b'{"format": "something else"}', "x.index.json")
+
+
+def _swap_images(data: bytes, index: ShardIndex, a: int, b: int) -> bytes:
+    """The shard's bytes with images ``a`` and ``b`` swapped, each kept at the other's offset:
+    the same length, valid images, other pixels (only when both have the same size)."""
+    out = bytearray(data)
+    sa, sb = slice(int(index.offset[a]), int(index.offset[a] + index.size[a])), \
+        slice(int(index.offset[b]), int(index.offset[b] + index.size[b]))
+    out[sa], out[sb] = data[sb], data[sa]
+    return bytes(out)
+
+
+def test_content_rewritten_with_its_length_kept_is_an_error_never_other_pixels(
+        tmp_path: Path) -> None:
+    """Other valid images at the same offsets (and garbage of the same length) used to decode
+    as valid samples under the old labels; the index's CRC-32 of each image catches both."""
+    from augserver.shards import ShardWriter
+    from augserver.storage import LocalStore
+
+    dest = str(tmp_path / "d")
+    writer = ShardWriter(LocalStore(), dest, 1 << 20, ["a", "b"])
+    for i in range(4):
+        writer.add(f"{i:03d}", "png", png(i % 2), i % 2)  # two images of each size
+    index = writer.close()
+    assert index.crc is not None and len(index.crc) == 4
+    shard = tmp_path / "d-000000.tar"
+    data = shard.read_bytes()
+    assert index.size[0] == index.size[2]  # png(0) twice: same size, same bytes
+    shard.write_bytes(_swap_images(data, index, 1, 2))  # len kept, images 1 and 2 swapped
+    assert len(shard.read_bytes()) == len(data)
+    dataset = open_dataset("webdataset", f"{dest}.index.json")
+    with pytest.raises(DatasetError, match=r"d-000000\.tar:001\.png.*differ from the shard "
+                                           r"index"):
+        dataset.load(1)
+    assert dataset.load(0).shape == (40, 40, 3)  # the others still read
+    garbage = bytearray(data)
+    start = int(index.offset[3])
+    garbage[start + 40:start + 48] = b"\x01" * 8  # same length, a few bytes changed
+    shard.write_bytes(bytes(garbage))
+    dataset = open_dataset("webdataset", f"{dest}.index.json")
+    with pytest.raises(DatasetError, match=r"003\.png.*differ"):
+        dataset.load(3)
+
+
+def test_a_version_1_index_still_loads_without_the_content_check(tmp_path: Path) -> None:
+    source = make_image_folder(tmp_path, per_class=2, corrupt=False)
+    dest = tmp_path / "s" / "d"
+    assert main(["shard", f"imagefolder:{source}", str(dest)]) == 0
+    path = Path(f"{dest}.index.json")
+    raw = json.loads(path.read_bytes())
+    assert raw["version"] == 2 and len(raw["samples"]["crc"]) == 4
+    raw["version"] = 1
+    del raw["samples"]["crc"]
+    path.write_text(json.dumps(raw))
+    dataset = open_dataset("webdataset", str(path))
+    assert dataset.index.crc is None and dataset.load(0).shape == (32, 32, 3)

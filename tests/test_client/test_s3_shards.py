@@ -181,3 +181,24 @@ def test_the_store_going_away_mid_epoch_fails_the_stream_naming_the_shard(
             for _ in it:
                 pass
         assert time.monotonic() - start < 30
+
+
+def test_a_shard_object_rewritten_with_its_length_kept_is_named_not_served(
+        tmp_path: Path, aws) -> None:
+    """The object rewritten in the real store with other bytes of the same length: the
+    sample whose bytes changed is an error naming the object and the key."""
+    source = make_image_folder(tmp_path, per_class=4, corrupt=False)
+    prefix = f"s3://{BUCKET}/job-crc/d"
+    assert main(["shard", f"imagefolder:{source}", prefix]) == 0
+    index = f"{prefix}.index.json"
+    dataset = open_dataset("webdataset", index)
+    client = aws.client()
+    body = bytearray(client.get_object(Bucket=BUCKET, Key="job-crc/d-000000.tar")["Body"].read())
+    start = int(dataset.index.offset[2])
+    body[start + 60:start + 68] = bytes(8)  # same length, other content
+    client.put_object(Bucket=BUCKET, Key="job-crc/d-000000.tar", Body=bytes(body))
+    dataset = open_dataset("webdataset", index)
+    with pytest.raises(DatasetError, match=r"s3://augserver-test/job-crc/d-000000\.tar:"
+                                           r"\S+\.png.*differ from the shard index"):
+        dataset.load(2)
+    assert dataset.load(0).shape == (32, 32, 3)

@@ -28,7 +28,7 @@ from augserver.config import JobConfig, load_config
 from augserver.dispatcher import Dispatcher
 from augserver.security import ClientKeys
 from augserver.stats import DispatcherStats
-from augserver.status import request_status
+from augserver.status import StatusError, request_status
 from augserver.worker import run_worker
 from client.programs.local_server import free_port as free_port  # re-exported for the tests
 
@@ -225,7 +225,10 @@ def wait_workers(address: str, count: int, timeout: float = 20.0) -> DispatcherS
     """The dispatcher's stats once it has ``count`` workers, each ready for tasks."""
 
     def ready() -> DispatcherStats | None:
-        stats = request_status(address, 2.0)
+        try:
+            stats = request_status(address, 2.0)
+        except StatusError:  # not up yet (a serve process still starting on a busy host)
+            return None
         workers = stats.workers
         if len(workers) == count and all(w.free_slots + w.in_flight for w in workers):
             return stats

@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(names) * len(severities)} sets -> {args.cache}", flush=True)  # fmt: skip
         start = time.perf_counter()
         sets = iter_sets(images, args.cache, args.seed, names, severities, params)
-        made = 0
+        made, last = 0, start
         for name, severity, _arr, hit in sets:
-            t = time.perf_counter() - start
+            now = time.perf_counter()
+            t, last = now - last, now  # this set's time, not the total so far
             made += not hit
             print(f"  {name}-{severity}: {'cached' if hit else 'made'} ({t:.1f} s)", flush=True)
         where = Path(args.cache) / fingerprint(images, args.seed, params)

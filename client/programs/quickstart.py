@@ -59,8 +59,10 @@ def run_quickstart(address: str, steps: int) -> int:
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f} over {len(losses)} steps")
     counters = request_status(address, 10.0).counters
-    print(f"data path: {counters.batches_shm} of {counters.batches_shm + counters.batches_tcp} "
-          "batches through shared memory (workers on this host), the rest over TCP")
+    shm, tcp = counters.batches_shm, counters.batches_tcp
+    path = (f"all {shm} batches through shared memory (workers on this host)" if not tcp else
+            f"{shm} batches through shared memory, {tcp} over TCP")
+    print(f"data path: {path}")
     return 0 if last < first else 1
 
 

@@ -154,6 +154,7 @@ def job_config(
     seed: int = 0,
     preprocess: str | None = None,
     severity: int | None = None,
+    image_size: int | None = None,
 ) -> dict[str, Any]:
     """The job file (as a dict, for :func:`client.programs.local_server.local_server`) that serves
     ``method`` on the dataset ``fmt`` at ``path``."""
@@ -170,6 +171,8 @@ def job_config(
         job["preprocess"] = preprocess
     if severity is not None:
         job["augmix"] = {"severity": severity}
+    if image_size is not None:
+        job["image_size"] = image_size
     return job
 
 
@@ -680,7 +683,8 @@ def train(
         data_wait=meter.wait / meter.time if meter.time > 0 else 0.0,
     )
     if show:
-        print(f"done: {result.steps} steps ({result.last_step} in all) in {result.seconds:.1f} s: "
+        resumed = f" ({result.last_step} in all)" if result.last_step != result.steps else ""
+        print(f"done: {result.steps} steps{resumed} in {result.seconds:.1f} s: "
               f"first batch after {result.first_batch_seconds:.2f} s (start-up and warm-up), "
               f"then {result.samples_per_second:.1f} samples/s, mean data-wait "
               f"{result.data_wait:.0%}; final loss {result.final_loss:.4f}", flush=True)
@@ -758,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--preprocess", choices=preprocessing.NAMES, default=None,
                        help="[cifar for cifar10/100 and for npz of images <= 64 px, else "
                             "imagenet]")
+    local.add_argument("--image-size", type=positive_int, default=None, metavar="PIXELS",
+                       help="side of the training views [32 with cifar, 224 with imagenet]")
     local.add_argument("--severity", type=int, default=None,
                        help="AugMix severity [3 with cifar, 1 with imagenet]")
     local.add_argument("--server-log-level", default="WARNING", help="the dispatcher's log level")
@@ -857,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = job_config(fmt, path, method=method, batch_size=args.batch_size or 128,
                                  seed=args.seed,
                                  preprocess=args.preprocess or _small_image_preprocess(fmt, path),
-                                 severity=args.severity)
+                                 severity=args.severity, image_size=args.image_size)
                 address = stack.enter_context(
                     local_server(job, args.workers, log_level=args.server_log_level))
             status = _run(args, method, address, device)

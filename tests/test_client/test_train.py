@@ -421,3 +421,15 @@ def test_the_wait_for_the_first_batch_is_kept_apart_from_the_steady_state() -> N
     assert meter.stats()["data-wait"] == "25%" and meter.stats()["samples/s"] == "80.0"
     result = TrainResult(samples=16, seconds=2.2, first_batch_seconds=2.0)
     assert round(result.samples_per_second) == 80
+
+
+def test_the_local_dispatcher_serves_the_image_size_asked_for(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--image-size with --dataset: the job's views at that side, and the checkpoint says
+    so (cifar's padded crop at any side)."""
+    ckpt = tmp_path / "ck.pt"
+    status = main(["--dataset", f"npz:{data}", "--workers", "1", "--batch-size", "16",
+                   "--preprocess", "cifar", "--image-size", "24", "--max-steps", "1",
+                   "--checkpoint", str(ckpt), *TINY])  # fmt: skip
+    assert status == 0, capsys.readouterr().out
+    assert load_checkpoint(ckpt)["image_size"] == 24

@@ -52,15 +52,26 @@ class AugMixModule(lightning.LightningModule):
         self.model = model
         self.lr = lr
         self.index_log = index_log
+        self.epoch_losses: list[torch.Tensor] = []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, target = batch
         loss = jsd_loss_from_concat(self.model(images), target)
         self.log("train_loss", loss, prog_bar=True)
+        self.epoch_losses.append(loss.detach())
         if self.index_log is not None:
             with open(Path(self.index_log) / f"rank{self.global_rank}.txt", "a") as f:
                 f.write(f"{self.current_epoch} {len(target) // 3}\n")
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """One line per epoch on rank 0 (the example runs without a logger or progress bar):
+        the epoch's mean training loss over this rank's steps."""
+        if self.epoch_losses and self.global_rank == 0:
+            mean = torch.stack(self.epoch_losses).mean().item()
+            print(f"epoch {self.current_epoch + 1}: mean loss {mean:.4f} over "
+                  f"{len(self.epoch_losses)} steps", flush=True)
+        self.epoch_losses.clear()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True)

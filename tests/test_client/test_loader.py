@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -323,6 +324,8 @@ def test_the_lightning_example_fits_single_process_and_ddp_on_gloo(tmp_path, pro
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert re.findall(r"epoch (\d): mean loss \d+\.\d+ over", done.stdout) == ["1", "2"], \
+        done.stdout  # one loss line an epoch, from rank 0 alone
     per_rank = [[line.split() for line in (logs / f"rank{r}.txt").read_text().splitlines()]
                 for r in range(devices)]
     steps = N // 8 // devices  # 48 samples, batch 8

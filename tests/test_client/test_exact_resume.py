@@ -33,13 +33,18 @@ pytestmark = [pytest.mark.service, pytest.mark.slow]
 N, BATCH, EPOCHS = 64, 8, 2  # 8 steps an epoch, 16 in all
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = make_npz(tmp_path_factory.mktemp("exact-data"), n=N)
+def _dispatcher(tmp_path_factory: pytest.TempPathFactory, n: int) -> Iterator[str]:
+    """A local dispatcher with 2 workers on ``n`` random images, JSD batches of BATCH."""
+    data = make_npz(tmp_path_factory.mktemp("exact-data"), n=n)
     job = job_config("npz", data, method="augmix+jsd", batch_size=BATCH, seed=1,
                      preprocess="cifar")
     with local_server(job, workers=2) as address:
         yield address
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _dispatcher(tmp_path_factory, N)
 
 
 class Tripwire(nn.Module):
@@ -54,7 +59,7 @@ class Tripwire(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        time.sleep(0.01)  # steps of some length, for the signals at random moments
+        time.sleep(0.02)  # steps of some length: a run of 16 lasts past every random signal
         fire = self.calls == self.at
         if fire and self.phase == "forward":
             _sigint()
@@ -136,7 +141,7 @@ def test_a_signal_at_a_random_moment_resumes_exactly(
         server: str, whole: tuple[list[str], dict], tmp_path: Path, seed: int) -> None:
     """SIGINT from another thread at a random moment of the run (in a step, in the wait for a
     batch, between the two), then a resume: the run is the uninterrupted one, bit for bit."""
-    delay = random.Random(seed).uniform(0.02, 0.4)
+    delay = random.Random(seed).uniform(0.01, 0.25)
     timer = threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT))
     model = Tripwire(at=-1, phase="none")
     timer.start()
@@ -214,11 +219,7 @@ BIG = 256  # 32 steps an epoch in one process: a stop after step 2 comes well in
 
 @pytest.fixture(scope="module")
 def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = make_npz(tmp_path_factory.mktemp("exact-big"), n=BIG)
-    job = job_config("npz", data, method="augmix+jsd", batch_size=BATCH, seed=1,
-                     preprocess="cifar")
-    with local_server(job, workers=2) as address:
-        yield address
+    yield from _dispatcher(tmp_path_factory, BIG)
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])

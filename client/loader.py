@@ -350,9 +350,7 @@ class RemoteAugMixLoader:
         pending: dict[int, _Received] = {}
         next_position = self._next_ordered_position(0)
         while remaining > 0:
-            if self._interrupted:
-                self._interrupted = False
-                raise LoaderInterrupted("interrupted while waiting for a batch")
+            self._check_interrupted()
             if self.ordered and next_position in pending:
                 item: Any = pending.pop(next_position)
             else:
@@ -381,6 +379,12 @@ class RemoteAugMixLoader:
             except BaseException:  # e.g. Ctrl-C before the batch reached the consumer
                 self._consumed.discard(item.position)
                 raise
+
+    def _check_interrupted(self) -> None:
+        """Raise :class:`LoaderInterrupted` once for each :meth:`interrupt`."""
+        if self._interrupted:
+            self._interrupted = False
+            raise LoaderInterrupted("interrupted while waiting for a batch")
 
     def _next_ordered_position(self, start: int) -> int:
         position = start
@@ -514,9 +518,7 @@ class _Stream:
             try:
                 item = self.items.get(timeout=0.1)
             except queue.Empty:
-                if self.loader._interrupted:
-                    self.loader._interrupted = False
-                    raise LoaderInterrupted("interrupted while waiting for a batch") from None
+                self.loader._check_interrupted()
                 if not self._thread.is_alive():
                     raise RemoteError("the loader's receive thread stopped unexpectedly") from None
                 continue
